@@ -1,0 +1,44 @@
+# Thin wrappers over commands you can run by hand. `make install` uses the active virtual environment, or creates
+# .venv when none is active. TORCH picks the torch build (a GPU user may set e.g. TORCH="torch==2.13.0 --index-url ...").
+TORCH ?= torch==2.13.0
+ifdef VIRTUAL_ENV
+  PY := python
+else
+  PY := .venv/bin/python
+endif
+CONFIG ?= configs/quickstart/depth.yaml
+SWEEP ?= sweeps/tiny/model_size.yaml
+
+.PHONY: install test test-fast demo lint format bench models clean
+
+$(PY):
+	python3 -m venv .venv
+
+install: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e ".[dev]"
+
+test: install
+	$(PY) -m pytest -q --timeout 900 --durations 10
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow" --timeout 300
+
+demo: install
+	$(PY) -m diffperc fit --config $(CONFIG)
+	$(PY) -m diffperc test --config $(CONFIG) --ckpt_path last
+	$(PY) -m diffperc predict --config $(CONFIG) --ckpt_path last --trainer.limit_predict_batches 1
+	$(PY) -m diffperc.demo --config $(CONFIG)
+
+lint:
+	$(PY) -m ruff check diffperc tests benchmarks
+
+format:
+	$(PY) -m ruff format diffperc tests benchmarks
+	$(PY) -m ruff check --fix diffperc tests benchmarks
+
+models:
+	$(PY) -m diffperc.models
+
+clean:
+	rm -rf runs

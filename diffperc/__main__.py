@@ -1,0 +1,5 @@
+"""``python -m diffperc`` is the ``diffperc`` command."""
+
+from diffperc.cli import main
+
+main()

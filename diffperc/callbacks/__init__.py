@@ -1,0 +1,6 @@
+"""Callbacks that observe training and inference without changing the math."""
+
+from diffperc.callbacks.images import PredictionImageLogger
+from diffperc.callbacks.writer import PredictionWriter
+
+__all__ = ["PredictionImageLogger", "PredictionWriter"]

@@ -1,0 +1,52 @@
+"""Writes ``diffperc predict`` outputs: one set of files per input, named after the input."""
+
+from pathlib import Path
+
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Saves each prediction through its task (``task.save_prediction``), undoing the resize and padding of inputs.
+
+    Args:
+        output_dir: Where files go; default ``<log dir>/predictions``.
+    """
+
+    def __init__(self, output_dir: str | None = None):
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.written: list[Path] = []
+
+    def _dir(self, trainer: Trainer) -> Path:
+        return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: dict,
+        batch_indices,
+        batch: dict,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        out_dir = self._dir(trainer)
+        pred, unc = prediction["pred"], prediction["uncertainty"]
+        names = batch.get("name") or [f"{batch_idx:06d}_{i}" for i in range(pred.shape[0])]
+        for i, name in enumerate(names):
+            p = pred[i : i + 1]
+            u = unc[i : i + 1] if unc is not None else None
+            if "orig_size" in batch:  # undo padding, then resizing, to the input's original size
+                h, w = (int(v) for v in batch["resized_size"][i])
+                size = tuple(int(v) for v in batch["orig_size"][i])
+                p = pl_module.task.resize_prediction(p[..., :h, :w], size)
+                if u is not None:
+                    u = F.interpolate(u[..., :h, :w].float(), size=size, mode="bilinear", align_corners=False)
+            self.written += pl_module.task.save_prediction(p[0], None if u is None else u[0], out_dir, Path(name).stem)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.written:
+            rank_zero_info(f"Wrote {len(self.written)} files to {self._dir(trainer)}")

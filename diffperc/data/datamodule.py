@@ -1,0 +1,81 @@
+"""The LightningDataModule wiring data sets (procedural or real readers) to loaders."""
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from diffperc.data.images import ImageFolder
+
+
+class PerceptionDataModule(LightningDataModule):
+    """Train/val/test data sets given as objects (``class_path`` in YAML), plus a folder of images for predict.
+
+    Args:
+        train: Training data set.
+        val: Validation data set.
+        test: Test data set (also used by ``predict`` when no ``images`` folder is given).
+        images: Folder of images for ``diffperc predict``.
+        predict_resolution: Long edge of ``images`` during prediction (outputs are resized back).
+        predict_multiple: Pad ``images`` to a multiple of this (codec downsample x patch size).
+        batch_size: Training batch size.
+        eval_batch_size: Validation/test batch size (default: ``batch_size``).
+        num_workers: Loader worker processes (samples are generated from their index, so workers need no seeding).
+        pin_memory: Pin host memory for faster copies to a GPU.
+        seed: Seed of the training shuffle order.
+    """
+
+    def __init__(
+        self,
+        train: Dataset | None = None,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
+        images: str | None = None,
+        predict_resolution: int = 32,
+        predict_multiple: int = 8,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"`--data.batch_size` must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"`--data.num_workers` must be >= 0, got {num_workers}")
+        self.train_set, self.val_set, self.test_set = train, val, test
+        self.images, self.predict_resolution, self.predict_multiple = images, predict_resolution, predict_multiple
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+
+    def _loader(self, dataset: Dataset | None, name: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise ValueError(f"No {name} data set configured: set `--data.{name}` (a class_path with init_args)")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=shuffle,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.images:
+            folder = ImageFolder(self.images, self.predict_resolution, self.predict_multiple)
+            # Images keep their aspect ratio, so sizes differ: one image per batch.
+            return DataLoader(folder, batch_size=1, num_workers=self.num_workers)
+        return self._loader(self.test_set, "test", self.eval_batch_size, shuffle=False)

@@ -1,0 +1,312 @@
+"""Sparse mixture-of-experts MLP for DiT blocks, dense -> MoE upcycling, and the ``-8E2A`` preset suffix.
+
+``SparseMoE`` drops into ``DiTBlock.mlp`` (same ``forward(x) -> x`` signature as the dense ``Mlp``). Routing after
+DiT-MoE (Fei et al. 2024, https://github.com/feizc/DiT-MoE) and litgpt's ``LLaMAMoE``
+(https://github.com/Lightning-AI/litgpt/blob/main/litgpt/model.py); upcycling after Komatsuzaki et al.,
+"Sparse Upcycling" (https://arxiv.org/abs/2212.05055). Benchmark: ``python benchmarks/bench_moe.py``.
+"""
+
+import copy
+import math
+import re
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffperc.models.dit import DiT, Mlp
+
+#################################################################################
+#                                    Experts                                    #
+#################################################################################
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU expert as in DiT-MoE: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _make_expert(expert_type: str, dim: int, hidden_dim: int) -> nn.Module:
+    if expert_type == "gelu":
+        return Mlp(dim, hidden_dim)  # fc1 -> GELU(tanh) -> fc2, the DiT MLP, so upcycling is a plain copy
+    if expert_type == "swiglu":
+        return SwiGLU(dim, hidden_dim)
+    raise ValueError(f"SparseMoE `expert_type` must be 'gelu' or 'swiglu', got {expert_type!r}")
+
+
+#################################################################################
+#                                   MoE layer                                   #
+#################################################################################
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed mixture of MLP experts, with optional shared experts and a Switch-style balance loss.
+
+    Per token x (width D): ``p = softmax(router(x))`` over E experts; the k largest ``p_e`` pick the experts; the
+    output is ``sum_{e in top-k} w_e * expert_e(x) + shared(x)``, with ``w_e = p_e / sum_{top-k} p`` when
+    ``normalize_weights`` (else ``w_e = p_e``). The router is ``self.router = nn.Linear(D, E, bias=False)``.
+
+    After every forward (train and eval) the module keeps:
+    - ``aux_loss``: ``balance_loss_coef * E * sum_e f_e * P_e`` (a scalar tensor with its graph), where, over the
+      M = N * T tokens of the call, ``f_e`` = (number of top-k assignments to expert e) / (M * k) and
+      ``P_e`` = mean over tokens of ``p_e``. Perfectly even routing gives ``balance_loss_coef``. ``f_e`` has no
+      gradient; the loss trains the router through ``P_e`` (DiT-MoE's ``MoEGate`` with ``seq_aux=False``).
+    - ``last_load``: ``f_e`` as a detached (E,) tensor, counted before any capacity dropping.
+
+    Args:
+        hidden_size: Token width D.
+        mlp_hidden_size: Hidden width of one expert (DiT: ``mlp_ratio * D``).
+        num_experts: Routed experts E.
+        experts_per_token: Experts k each token is sent to (top-k).
+        num_shared_experts: Experts every token uses, added with weight 1; stored fused as one MLP
+            ``shared_experts`` of hidden width ``num_shared_experts * mlp_hidden_size`` (0 = none).
+        expert_type: ``"gelu"`` (DiT's fc1 -> GELU(tanh) -> fc2, with biases) or ``"swiglu"`` (DiT-MoE's experts).
+        normalize_weights: Renormalise the k routing weights of a token to sum to 1.
+        capacity_factor: If set, each expert keeps at most ``ceil(capacity_factor * M * k / E)`` assignments per
+            call. Assignments are ranked per expert by choice slot first (all first choices before second
+            choices), then by token position in the flattened (N * T) order; the rest are dropped and contribute
+            zero (their weights are not renormalised again). ``None`` = no limit.
+        balance_loss_coef: Multiplier already applied to ``aux_loss`` (0 keeps the value at zero).
+    """
+
+    #: Compute depends on routing when a capacity factor drops assignments: ``count_macs`` counts on real batches.
+    routing_dependent = True
+
+    def __init__(
+        self,
+        hidden_size: int,
+        mlp_hidden_size: int,
+        num_experts: int = 8,
+        experts_per_token: int = 2,
+        num_shared_experts: int = 0,
+        expert_type: Literal["gelu", "swiglu"] = "gelu",
+        normalize_weights: bool = True,
+        capacity_factor: float | None = None,
+        balance_loss_coef: float = 0.01,
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"SparseMoE `num_experts` must be >= 1, got {num_experts}")
+        if not 1 <= experts_per_token <= num_experts:
+            raise ValueError(
+                f"SparseMoE `experts_per_token`={experts_per_token} must be in [1, `num_experts`={num_experts}]"
+            )
+        if num_shared_experts < 0:
+            raise ValueError(f"SparseMoE `num_shared_experts` must be >= 0, got {num_shared_experts}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"SparseMoE `capacity_factor` must be > 0 or None, got {capacity_factor}")
+        self.hidden_size = hidden_size
+        self.mlp_hidden_size = mlp_hidden_size
+        self.num_experts = num_experts
+        self.experts_per_token = experts_per_token
+        self.num_shared_experts = num_shared_experts
+        self.expert_type = expert_type
+        self.normalize_weights = normalize_weights
+        self.capacity_factor = capacity_factor
+        self.balance_loss_coef = balance_loss_coef
+
+        self.router = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            [_make_expert(expert_type, hidden_size, mlp_hidden_size) for _ in range(num_experts)]
+        )
+        # n shared experts summed equal one MLP n times as wide (GELU: fc2 biases add up into one bias).
+        self.shared_experts = (
+            _make_expert(expert_type, hidden_size, num_shared_experts * mlp_hidden_size) if num_shared_experts else None
+        )
+        self.aux_loss: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT's convention for the experts (Xavier uniform, zero biases); a near-uniform router (std 0.02)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module is not self.router:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
+            f"num_shared_experts={self.num_shared_experts}, capacity_factor={self.capacity_factor}"
+        )
+
+    def expert_capacity(self, num_tokens: int) -> int | None:
+        """Most assignments one expert keeps in a call over ``num_tokens`` tokens (None without a capacity)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.experts_per_token / self.num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, D, E, k = x.shape, x.shape[-1], self.num_experts, self.experts_per_token
+        x_flat = x.reshape(-1, D)  # (M, D), M = N * T
+        M = x_flat.shape[0]
+        if M == 0:
+            raise ValueError(f"SparseMoE got an input with no tokens, shape {tuple(shape)}")
+
+        # 1. Route: softmax in float32 so bf16 autocast does not flatten close scores.
+        probs = self.router(x_flat).float().softmax(dim=-1)  # (M, E)
+        top_p, top_e = probs.topk(k, dim=-1)  # (M, k), best first
+        weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.normalize_weights else top_p
+
+        # 2. Flatten the M * k assignments slot-major (every first choice, then every second choice, ...), so a
+        # stable sort by expert id orders each expert's slice by (slot, token) -- the capacity drop order.
+        flat_e = top_e.t().reshape(-1)  # (k * M,)
+        flat_w = weights.t().reshape(-1)  # (k * M,)
+        flat_tok = torch.arange(M, device=x.device).repeat(k)  # (k * M,)
+        order = torch.argsort(flat_e, stable=True)  # (k * M,)
+        counts = torch.bincount(flat_e, minlength=E)  # (E,)
+
+        # 3. Balance loss and load from the routing before any drop (Switch Transformer eq. 4,
+        # https://arxiv.org/abs/2101.03961, with f_e counted over all k choices as in DiT-MoE).
+        load = counts.float() / (M * k)  # f_e, (E,)
+        self.aux_loss = self.balance_loss_coef * E * (load * probs.mean(dim=0)).sum()
+        self.last_load = load.detach()
+
+        capacity = self.expert_capacity(M)
+        if capacity is not None:
+            # Rank of each sorted assignment inside its expert's slice; the first `capacity` are kept. A stable
+            # sort on "dropped" moves the kept ones to the front, still grouped by expert, without a host sync.
+            starts = torch.cumsum(counts, 0) - counts  # (E,)
+            rank = torch.arange(order.numel(), device=x.device) - starts[flat_e[order]]  # (k * M,)
+            order = order[torch.argsort(rank >= capacity, stable=True)]
+            counts = counts.clamp(max=capacity)
+
+        # 4. Dispatch: gather each token once per assignment, run every expert on its contiguous slice.
+        # `tolist()` is the one host sync per call (torch.split needs Python sizes).
+        sizes = counts.tolist()
+        order = order[: sum(sizes)]  # (A,), A = kept assignments
+        tok = flat_tok[order]  # (A,)
+        xs = x_flat.index_select(0, tok)  # (A, D), grouped by expert
+        ys = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if chunk.shape[0]])
+        ys = ys * flat_w[order].to(ys.dtype).unsqueeze(1)
+
+        # 5. Combine: scatter-add the weighted expert outputs back to their tokens.
+        out = torch.zeros(M, D, dtype=ys.dtype, device=x.device).index_add_(0, tok, ys)  # (M, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_flat)
+        return out.reshape(shape)  # (N, T, D)
+
+    def _expert_params(self) -> int:
+        return sum(p.numel() for p in self.experts[0].parameters())
+
+    def num_active_parameters(self) -> int:
+        """Parameters one token uses: the router, k routed experts and the shared experts."""
+        shared = sum(p.numel() for p in self.shared_experts.parameters()) if self.shared_experts is not None else 0
+        return self.router.weight.numel() + self.experts_per_token * self._expert_params() + shared
+
+    def macs_per_token(self) -> int:
+        """Forward multiply-accumulates per token: router + k experts + shared experts (weight matmuls only)."""
+        per_expert = (3 if self.expert_type == "swiglu" else 2) * self.hidden_size * self.mlp_hidden_size
+        return self.hidden_size * self.num_experts + (self.experts_per_token + self.num_shared_experts) * per_expert
+
+
+#################################################################################
+#                          Model-level helpers and upcycling                    #
+#################################################################################
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of ``aux_loss`` over the SparseMoE modules of ``model`` from their last forward (0 when none)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, SparseMoE) and m.aux_loss is not None]
+    if losses:
+        return torch.stack(losses).sum()
+    param = next(model.parameters(), None)
+    return torch.zeros((), device=param.device if param is not None else None)
+
+
+def expert_loads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``last_load`` (E,) of every SparseMoE that has run, keyed by module name (``"blocks.0.mlp"``)."""
+    return {
+        name: m.last_load for name, m in model.named_modules() if isinstance(m, SparseMoE) and m.last_load is not None
+    }
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active) parameter counts; active counts k routed experts per SparseMoE instead of all E."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum(
+        (m.num_experts - m.experts_per_token) * m._expert_params() for m in model.modules() if isinstance(m, SparseMoE)
+    )
+    return total, total - inactive
+
+
+@torch.no_grad()
+def upcycle(
+    dense: DiT,
+    num_experts: int,
+    top_k: int,
+    capacity_factor: float | None = None,
+    balance_loss_coef: float = 0.01,
+    router_init_std: float = 0.02,
+) -> DiT:
+    """A deep copy of ``dense`` whose every block MLP is a SparseMoE of ``num_experts`` copies of that MLP.
+
+    The routing weights are renormalised over the ``top_k`` experts and there is no shared expert, so without a
+    capacity limit the new model computes exactly the dense function whatever the router says. The router is
+    drawn from N(0, ``router_init_std``) (0 gives zeros) from the global RNG: a random router spreads tokens over
+    the experts, so they receive different gradients and can diverge. ``dense`` is left unchanged.
+
+    Args:
+        dense: A DiT whose ``blocks[i].mlp`` are dense ``Mlp`` modules.
+        num_experts: Experts E per block.
+        top_k: Experts per token k.
+        capacity_factor: Passed to SparseMoE (dropping breaks the exact equivalence).
+        balance_loss_coef: Passed to SparseMoE.
+        router_init_std: Standard deviation of the new router weights.
+    """
+    model = copy.deepcopy(dense)
+    for i, block in enumerate(model.blocks):
+        mlp = block.mlp
+        if not isinstance(mlp, Mlp):
+            raise TypeError(f"upcycle: blocks.{i}.mlp is {type(mlp).__name__}, expected a dense Mlp")
+        moe = SparseMoE(
+            mlp.fc1.in_features,
+            mlp.fc1.out_features,
+            num_experts=num_experts,
+            experts_per_token=top_k,
+            num_shared_experts=0,
+            expert_type="gelu",
+            normalize_weights=True,
+            capacity_factor=capacity_factor,
+            balance_loss_coef=balance_loss_coef,
+        ).to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
+        for expert in moe.experts:
+            expert.load_state_dict(mlp.state_dict())
+        if router_init_std > 0:
+            nn.init.normal_(moe.router.weight, std=router_init_std)
+        else:
+            moe.router.weight.zero_()
+        moe.train(mlp.training)
+        block.mlp = moe
+    return model
+
+
+_SUFFIX = re.compile(r"^(?P<base>.+)-(?P<experts>\d+)E(?P<active>\d+)A$")
+
+
+def parse_moe_suffix(name: str) -> tuple[str, int, int] | None:
+    """Splits a preset name with the paper's MoE suffix: ``"DiT-S/2-8E2A"`` -> ``("DiT-S/2", 8, 2)``.
+
+    Returns None for a name without a ``-<E>E<k>A`` suffix (upper-case E and A, e.g. a dense ``"t3"``), and raises
+    ValueError for a suffix that cannot be built (E < 1, k < 1 or k > E). The base name is not checked here.
+    """
+    match = _SUFFIX.match(name)
+    if match is None:
+        return None
+    base, num_experts, top_k = match["base"], int(match["experts"]), int(match["active"])
+    if num_experts < 1 or not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"Model preset {name!r}: the MoE suffix needs 1 <= active experts ({top_k}) <= experts ({num_experts})"
+        )
+    return base, num_experts, top_k

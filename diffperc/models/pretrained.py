@@ -1,0 +1,269 @@
+"""Loading DiT weights (official ``.pt``, this project's Lightning ``.ckpt``, ``.safetensors``) into our networks.
+
+``load_pretrained(model, path)`` finds the network's weights in the file (EMA first), converts them to the target's
+shape (drop the sigma outputs, widen the input projection, task rows of the label table, position embedding for
+the grid) and loads them. Files are always read with ``weights_only=True``: a checkpoint can't run code.
+"""
+
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffperc.models.dit import sincos_pos_embed
+
+# Every DiT variant (dense, MoE, task-routed input) has this key; it marks where a network's weights start.
+_ANCHOR = "t_embedder.mlp.0.weight"
+_EMA_PREFIX = re.compile(r"(^|[._])ema([._]|$)", re.IGNORECASE)
+_MAX_LISTED = 5
+
+
+def drop_sigma(state_dict: Mapping[str, torch.Tensor], patch_size: int, out_channels: int) -> dict[str, torch.Tensor]:
+    """Keeps only the mean prediction of a ``learn_sigma`` final layer.
+
+    Each token's ``p * p * 2C`` outputs are laid out ``(p, p, 2C)`` (see ``DiT.unpatchify``), so the mean is the
+    first ``C`` channels *of every pixel*: rows ``(i * p + j) * 2C + c`` with ``c < C``, not the first half of rows.
+
+    Args:
+        state_dict: DiT weights whose ``final_layer.linear`` predicts ``2 * out_channels`` channels per pixel.
+        patch_size: Patch side ``p``.
+        out_channels: Channels ``C`` to keep per pixel.
+
+    Returns:
+        A new dict with ``final_layer.linear.{weight,bias}`` reduced to ``p * p * C`` rows; other tensors shared.
+    """
+    p, c = patch_size, out_channels
+    out = dict(state_dict)
+    for key in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        if key not in out:
+            raise KeyError(f"drop_sigma: `{key}` is not in the state dict")
+        value = out[key]
+        if value.shape[0] != p * p * 2 * c:
+            raise ValueError(f"drop_sigma: `{key}` has {value.shape[0]} rows, expected patch_size**2 * 2 * "
+                             f"out_channels = {p * p * 2 * c}")
+        rest = value.shape[1:]
+        out[key] = value.reshape(p, p, 2 * c, *rest)[:, :, :c].reshape(p * p * c, *rest).clone()
+    return out
+
+
+def widen_patch_embedding(state_dict: Mapping[str, torch.Tensor], num_inputs: int) -> dict[str, torch.Tensor]:
+    """Lets the patch embedding take ``num_inputs`` latents stacked on channels (rule of ``widen_input_projection``).
+
+    The weight is repeated ``num_inputs`` times along its input channels and divided by ``num_inputs``, so
+    ``num_inputs`` copies of one latent give the original response; the bias is unchanged.
+
+    Args:
+        state_dict: DiT weights with ``x_embedder.proj.weight`` of shape (D, C, p, p).
+        num_inputs: k + 1 for k conditioning latents.
+
+    Returns:
+        A new dict with ``x_embedder.proj.weight`` of shape (D, num_inputs * C, p, p); other tensors shared.
+    """
+    if num_inputs < 1:
+        raise ValueError(f"widen_patch_embedding: num_inputs must be >= 1, got {num_inputs}")
+    key = "x_embedder.proj.weight"
+    if key not in state_dict:
+        raise KeyError(f"widen_patch_embedding: `{key}` is not in the state dict")
+    out = dict(state_dict)
+    out[key] = state_dict[key].repeat(1, num_inputs, 1, 1) / num_inputs
+    return out
+
+
+def task_embedding_rows(table: torch.Tensor, num_tasks: int, has_null_row: bool) -> torch.Tensor:
+    """Label-table rows for ``num_tasks`` new labels (tasks): each is the mean of the source's class embeddings.
+
+    The class mean is the source's "average class" condition, a neutral start for every task. The null (CFG) row,
+    the last one when the source was trained with label dropout, is no class and is left out of the mean.
+
+    Args:
+        table: Source ``y_embedder.embedding_table.weight`` (rows, D).
+        num_tasks: Rows to produce.
+        has_null_row: Whether the last row of ``table`` is the null label.
+
+    Returns:
+        (num_tasks, D) rows, all equal to the class mean.
+    """
+    classes = table[:-1] if has_null_row else table
+    if classes.shape[0] < 1:
+        raise ValueError(f"task_embedding_rows: the table has no class rows (shape {tuple(table.shape)})")
+    return classes.mean(dim=0, keepdim=True).expand(num_tasks, -1).clone()
+
+
+def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True, *,
+                    source_has_null_row: bool = True) -> dict:
+    """Loads DiT weights from ``path`` into ``model``, converting them where the two architectures differ.
+
+    Formats: an official DiT state dict (``DiT-XL-2-512x512.pt``; a ``{"model", "ema"}`` training checkpoint uses
+    ``ema``), a Lightning checkpoint of this project (the network under a prefix such as ``net.``; EMA weights win:
+    a prefix with ``ema`` in it such as ``net_ema.``, or ``state_dict`` itself when Lightning's ``WeightAveraging``
+    callback stored the averaged model there and the live one in ``current_model_state``), or ``.safetensors``.
+
+    Conversions, applied when the file's tensor and the model's differ in shape:
+
+    1. ``final_layer.linear``: 2C -> C channels per pixel (``drop_sigma``) for a model without ``learn_sigma``.
+    2. ``x_embedder.proj.weight``: C -> (k + 1) C input channels (``widen_patch_embedding``).
+    3. ``y_embedder.embedding_table.weight``: another row count -> every label row is the mean of the source's class
+       rows (``task_embedding_rows``); if the model has a null row (label dropout > 0) it gets the source's null row
+       (or the class mean when the source has none).
+    4. ``pos_embed``: another grid -> the fixed sin-cos embedding for the model's grid. A stored embedding that is
+       not the sin-cos one for its own grid (to 1e-5) triggers a warning.
+
+    Args:
+        model: A network in the DiT parameter layout (``diffperc.models.DiT``).
+        path: Checkpoint file.
+        strict: Fail on keys that only the file or only the model has. Shape mismatches always fail.
+        source_has_null_row: Whether the file's label table ends with a null (CFG) row; true for official DiT
+            checkpoints and for pretraining with label dropout.
+
+    Returns:
+        A report: ``path``, ``format`` (``"dit"``, ``"lightning"`` or ``"safetensors"``), ``prefix`` (where the
+        network was found in the file), ``ema`` (whether EMA weights were used), ``conversions`` (one line each),
+        ``missing_keys`` and ``unexpected_keys``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        TypeError: The file holds something other than a dict.
+        ValueError: The file can't be read with ``weights_only=True``, holds no DiT weights or several candidate
+            networks, has tensors whose shapes don't fit the model, or (``strict``) different keys.
+    """
+    path = Path(path)
+    raw, fmt = _read(path)
+    flat, ema_by_callback = _network_tensors(raw, path)
+    prefix = _pick_prefix(flat, path)
+    source = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    target = model.state_dict()
+    source, conversions = _convert(source, target, model, path, source_has_null_row)
+
+    mismatched = [k for k in source if k in target and source[k].shape != target[k].shape]
+    if mismatched:
+        listed = ", ".join(f"`{k}` file {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
+                           for k in mismatched[:_MAX_LISTED])
+        more = f" (+{len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
+        raise ValueError(f"{path}: the weights do not fit the model (wrong architecture or size?): {listed}{more}")
+    missing = [k for k in target if k not in source]
+    unexpected = [k for k in source if k not in target]
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path}: keys differ from the model (pass strict=False to load the rest): "
+                         f"missing {missing[:_MAX_LISTED]} ({len(missing)} in all), "
+                         f"unexpected {unexpected[:_MAX_LISTED]} ({len(unexpected)} in all)")
+    model.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
+    ema = ema_by_callback or bool(_EMA_PREFIX.search(prefix))
+    return {"path": str(path), "format": fmt, "prefix": prefix, "ema": ema, "conversions": conversions,
+            "missing_keys": missing, "unexpected_keys": unexpected}
+
+
+def _read(path: Path) -> tuple[object, str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu"), "safetensors"
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        # weights_only refuses any pickled object that is not a tensor or a plain container: never run it.
+        raise ValueError(f"{path}: torch.load(weights_only=True) could not read it: a corrupt file, or one holding "
+                         f"Python objects other than tensors and plain containers (refused: unpickling them could "
+                         f"run code): {err}") from err
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"{path}: not a state dict (the file holds a {type(raw).__name__}, expected a dict)")
+    return raw, "lightning" if isinstance(raw.get("state_dict"), Mapping) else "dit"
+
+
+def _network_tensors(raw: Mapping, path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Flat ``{dotted key: tensor}`` of the part of the file that holds networks, and whether it is averaged."""
+    if isinstance(raw.get("state_dict"), Mapping):
+        # WeightAveraging moves the live weights to `current_model_state` and puts the average in `state_dict`.
+        averaged = "current_model_state" in raw or "averaging_state" in raw
+        return _flatten(raw["state_dict"]), averaged
+    flat = _flatten(raw)
+    if not flat:
+        raise ValueError(f"{path}: not a state dict (no tensors in it)")
+    return flat, False
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, torch.Tensor):
+            flat[prefix + str(key)] = value
+        elif isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _pick_prefix(flat: Mapping[str, torch.Tensor], path: Path) -> str:
+    prefixes = sorted(k[: -len(_ANCHOR)] for k in flat if k == _ANCHOR or k.endswith("." + _ANCHOR))
+    if not prefixes:
+        raise ValueError(f"{path}: no DiT weights in it (no key ending in `{_ANCHOR}`); "
+                         f"first keys: {list(flat)[:_MAX_LISTED]}")
+    ema = [p for p in prefixes if _EMA_PREFIX.search(p)]
+    candidates = ema or prefixes
+    if len(candidates) > 1:
+        raise ValueError(f"{path}: several networks in it, under prefixes {candidates}; save the one to load alone")
+    return candidates[0]
+
+
+def _convert(source: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], model: nn.Module, path: Path,
+             source_has_null_row: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Applies the conversions of ``load_pretrained`` where shapes differ; returns the new dict and one line each."""
+    done = []
+
+    def _differs(key: str) -> bool:
+        return key in source and key in target and source[key].shape != target[key].shape
+
+    # 1. learn_sigma source, mean-only target: keep the first C channels of every pixel.
+    key = "final_layer.linear.weight"
+    if _differs(key) and "x_embedder.proj.weight" in source:
+        p = source["x_embedder.proj.weight"].shape[-1]
+        rows_src, rows_tgt = source[key].shape[0], target[key].shape[0]
+        if rows_src == 2 * rows_tgt and rows_tgt % (p * p) == 0:
+            source = drop_sigma(source, p, rows_tgt // (p * p))
+            done.append(f"final_layer.linear: dropped sigma, {rows_src // (p * p)} -> {rows_tgt // (p * p)} "
+                        "channels per pixel")
+
+    # 2. k conditioning latents stacked before the noisy one: widen the patch embedding.
+    key = "x_embedder.proj.weight"
+    if _differs(key) and source[key].dim() == target[key].dim() == 4:
+        c_src, c_tgt = source[key].shape[1], target[key].shape[1]
+        if c_tgt > c_src and c_tgt % c_src == 0:
+            source = widen_patch_embedding(source, c_tgt // c_src)
+            done.append(f"x_embedder.proj: widened {c_src} -> {c_tgt} input channels ({c_tgt // c_src} latents)")
+
+    # 3. Another label set (e.g. tasks instead of ImageNet classes): class-mean rows, null row kept apart.
+    key = "y_embedder.embedding_table.weight"
+    if _differs(key) and source[key].shape[1:] == target[key].shape[1:]:
+        table = source[key]
+        target_has_null = getattr(getattr(model, "y_embedder", None), "dropout_prob", 0) > 0
+        rows = target[key].shape[0]
+        new = task_embedding_rows(table, rows - target_has_null, source_has_null_row)
+        if target_has_null:
+            null = table[-1:] if source_has_null_row else new[:1]
+            new = torch.cat([new, null.to(new.dtype)])
+        source = {**source, key: new}
+        done.append(f"y_embedder.embedding_table: {table.shape[0]} -> {rows} rows (class mean"
+                    f"{', null row kept' if target_has_null and source_has_null_row else ''})")
+
+    # 4. Position embedding: fixed sin-cos, so it can be rebuilt for any grid.
+    key = "pos_embed"
+    if key in source and key in target and source[key].dim() == 3:
+        stored = source[key]
+        side = math.isqrt(stored.shape[1])
+        if side * side == stored.shape[1] and stored.shape[2] % 4 == 0:
+            expected = sincos_pos_embed(stored.shape[2], side).unsqueeze(0)
+            if not torch.allclose(stored.float(), expected, atol=1e-5, rtol=0):
+                diff = (stored.float() - expected).abs().max().item()
+                warnings.warn(f"{path}: `pos_embed` is not the sin-cos embedding for its {side}x{side} grid "
+                              f"(max difference {diff:.2e}); it is {'replaced' if _differs(key) else 'kept'}",
+                              stacklevel=3)
+        if _differs(key) and stored.shape[2] == target[key].shape[2]:
+            side_tgt = math.isqrt(target[key].shape[1])
+            if side_tgt * side_tgt == target[key].shape[1]:
+                source = {**source, key: sincos_pos_embed(stored.shape[2], side_tgt).unsqueeze(0).to(stored.dtype)}
+                done.append(f"pos_embed: recomputed for a {side_tgt}x{side_tgt} grid (was {side}x{side})")
+    return source, done

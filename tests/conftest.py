@@ -1,0 +1,26 @@
+"""Shared fixtures: every test starts from the same seed and default dtype, and leaves no files in the repo."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_dtype():
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _ensure_clean_repo():
+    """Tests write into tmp_path only: nothing new may appear at the repo root."""
+    before = {p.name for p in ROOT.iterdir()}
+    yield
+    new = {p.name for p in ROOT.iterdir()} - before
+    assert not new, f"test left files in the repository root: {sorted(new)}"

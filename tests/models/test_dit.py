@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from diffperc.models import DiT, DiT_models, build_model, sincos_pos_embed, widen_input_projection
+
+
+def _tiny(**kw) -> DiT:
+    cfg = dict(
+        input_size=8,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+        class_dropout_prob=0.0,
+        learn_sigma=False,
+    )
+    cfg.update(kw)
+    return DiT(**cfg)
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+
+
+def _param_formula(D, L, p, c_in, c_out, rows, tokens, mlp_ratio=4):
+    h = int(D * mlp_ratio)
+    patch = c_in * p * p * D + D
+    t_emb = 256 * D + D + D * D + D
+    block = (3 * D * D + 3 * D) + (D * D + D) + (D * h + h) + (h * D + D) + (6 * D * D + 6 * D)
+    final = (2 * D * D + 2 * D) + (D * p * p * c_out + p * p * c_out)
+    return patch + t_emb + rows * D + L * block + final + tokens * D
+
+
+def test_dit_output_shape_and_sigma_channels():
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 2])
+    assert _tiny()(x, t, y).shape == (2, 3, 8, 8)
+    assert _tiny(learn_sigma=True)(x, t, y).shape == (2, 6, 8, 8)
+    assert _tiny(in_channels=6, out_channels=3)(torch.randn(2, 6, 8, 8), t, y).shape == (2, 3, 8, 8)
+
+
+def test_dit_zero_init_gives_zero_output_and_identity_blocks():
+    model = _tiny()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 900]), torch.tensor([1, 0])
+    assert torch.count_nonzero(model(x, t, y)) == 0  # adaLN-Zero: the final layer starts at zero
+    tokens = torch.randn(2, 16, 32)
+    c = torch.randn(2, 32)
+    torch.testing.assert_close(model.blocks[0](tokens, c), tokens, rtol=0, atol=0)  # gates start at zero
+
+
+def test_dit_parameter_counts_match_formula_and_official_sizes():
+    model = _tiny(learn_sigma=True, class_dropout_prob=0.1)
+    expected = _param_formula(32, 2, 2, 3, 6, rows=4, tokens=16)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    # Official DiT presets (ImageNet 256 px: 32x32 latents, 4 channels, 1000 classes + null row, learn_sigma).
+    with torch.device("meta"):
+        xl = build_model("DiT-XL/2")
+        s = build_model("DiT-S/2")
+    assert sum(p.numel() for p in xl.parameters()) == _param_formula(1152, 28, 2, 4, 8, 1001, 256) == 675_129_632
+    assert sum(p.numel() for p in s.parameters()) == _param_formula(384, 12, 2, 4, 8, 1001, 256) == 32_963_360
+
+
+def test_tiny_ladder_is_width_64i_depth_2i_4_heads():
+    for i in range(1, 7):
+        cfg = DiT_models[f"t{i}"]
+        assert (cfg["hidden_size"], cfg["depth"], cfg["num_heads"]) == (64 * i, 2 * i, 4)
+    with torch.device("meta"):
+        t2 = build_model("t2", input_size=32, in_channels=3, learn_sigma=False, num_classes=1, class_dropout_prob=0)
+    assert sum(p.numel() for p in t2.parameters()) == _param_formula(128, 4, 4, 3, 3, rows=1, tokens=64)
+
+
+def test_a_ladder_spans_dit_s_to_dit_xl_with_constant_heads():
+    widths = [DiT_models[f"a{i}"]["hidden_size"] for i in range(1, 7)]
+    depths = [DiT_models[f"a{i}"]["depth"] for i in range(1, 7)]
+    assert widths == [384, 544, 688, 848, 992, 1152] and depths == [12, 15, 18, 22, 25, 28]
+    assert {DiT_models[f"a{i}"]["num_heads"] for i in range(1, 7)} == {16}
+
+
+def test_build_model_rejects_unknown_preset_naming_the_flag():
+    with pytest.raises(ValueError, match=r"Unknown model preset 'DiT-Q/2'.*--model.backbone.name"):
+        build_model("DiT-Q/2")
+
+
+def test_widen_input_projection_keeps_pretrained_response_for_copies():
+    model = _tiny()
+    _randomize(model)
+    model.eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 700]), torch.tensor([0, 1])
+    reference = model(x, t, y)
+    widen_input_projection(model, 3)
+    assert model.x_embedder.proj.weight.shape == (32, 9, 2, 2)
+    torch.testing.assert_close(model(torch.cat([x, x, x], 1), t, y), reference, rtol=1e-5, atol=1e-6)
+    # A different condition changes the response: the widened layer really uses every input.
+    assert not torch.allclose(model(torch.cat([torch.zeros_like(x), x, x], 1), t, y), reference)
+
+
+def test_sincos_pos_embed_layout_matches_dit():
+    emb = sincos_pos_embed(8, 3)  # (9, 8): half for the column index, half for the row index
+    assert emb.shape == (9, 8)
+    # Token 5 is row 1, column 2. First quarter: sin(col * omega), omega = 1 / 10000^(k / 2) for k = 0, 1.
+    omega = torch.tensor([1.0, 0.01])
+    torch.testing.assert_close(emb[5, :2], torch.sin(2 * omega))
+    torch.testing.assert_close(emb[5, 2:4], torch.cos(2 * omega))
+    torch.testing.assert_close(emb[5, 4:6], torch.sin(1 * omega))
+    torch.testing.assert_close(emb[5, 6:8], torch.cos(1 * omega))
+
+
+def test_dit_non_square_grid_uses_that_grids_embedding():
+    model = _tiny()
+    _randomize(model)
+    out = model(torch.randn(1, 3, 8, 12), torch.tensor([5]), torch.tensor([0]))
+    assert out.shape == (1, 3, 8, 12)
+
+
+def test_forward_with_cfg_scale_one_equals_conditional():
+    model = _tiny(class_dropout_prob=0.1)
+    _randomize(model)
+    model.eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5, 50]), torch.tensor([2, 1])
+    torch.testing.assert_close(model.forward_with_cfg(x, t, y, 1.0), model(x, t, y), rtol=1e-5, atol=1e-6)
+
+
+def test_dit_rejects_bad_shapes_with_clear_errors():
+    with pytest.raises(ValueError, match="multiple of `patch_size`"):
+        _tiny(input_size=9)
+    with pytest.raises(ValueError, match="`depth` must be positive"):
+        _tiny(depth=0)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        _tiny(num_heads=3)

@@ -1,0 +1,267 @@
+"""Tests for the sparse mixture-of-experts layer, upcycling and the MoE preset suffix (tiny models, CPU)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffperc.models import build_model
+from diffperc.models.dit import Mlp
+from diffperc.models.moe import (
+    SparseMoE,
+    expert_loads,
+    moe_aux_loss,
+    parameter_counts,
+    parse_moe_suffix,
+    upcycle,
+)
+
+
+def _constant_experts(moe: SparseMoE) -> None:
+    """Makes GELU expert e output the unit vector e for every token (zero weights, act(0) = 0, bias = e_e)."""
+    with torch.no_grad():
+        for e, expert in enumerate(moe.experts):
+            for p in expert.parameters():
+                p.zero_()
+            expert.fc2.bias[e] = 1.0
+
+
+def _reference_moe(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, combined with a dense (M, E) weight matrix: slow but obviously right."""
+    x_flat = x.reshape(-1, x.shape[-1])
+    probs = F.softmax(x_flat @ moe.router.weight.t(), dim=-1)
+    top_p, top_e = probs.topk(moe.experts_per_token, dim=-1)
+    if moe.normalize_weights:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    dense_w = torch.zeros_like(probs).scatter(1, top_e, top_p)  # (M, E)
+    all_out = torch.stack([expert(x_flat) for expert in moe.experts], dim=1)  # (M, E, D)
+    out = (dense_w.unsqueeze(-1) * all_out).sum(1)
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x_flat)
+    return out.reshape(x.shape)
+
+
+def test_sparse_moe_topk_picks_hand_set_experts():
+    moe = SparseMoE(4, 8, num_experts=4, experts_per_token=2)
+    _constant_experts(moe)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(4))  # logits = x
+    x = torch.tensor([[[3.0, 1.0, 2.0, 0.0], [0.0, 5.0, 1.0, 4.0]]])  # (1, 2, 4)
+    # Token 0: top-2 experts 0 and 2 (logits 3, 2); token 1: experts 1 and 3 (logits 5, 4).
+    s = 1.0 / (1.0 + math.exp(-1.0))  # renormalised weight of the better expert when logits differ by 1
+    expected = torch.tensor([[[s, 0.0, 1 - s, 0.0], [0.0, s, 0.0, 1 - s]]])
+    torch.testing.assert_close(moe(x), expected)
+    torch.testing.assert_close(moe.last_load, torch.full((4,), 0.25))
+
+    moe.normalize_weights = False  # raw softmax probabilities as weights
+    p0 = torch.softmax(x[0, 0], 0)
+    p1 = torch.softmax(x[0, 1], 0)
+    expected = torch.stack([p0 * torch.tensor([1.0, 0, 1, 0]), p1 * torch.tensor([0.0, 1, 0, 1])])[None]
+    torch.testing.assert_close(moe(x), expected)
+
+
+@pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
+def test_sparse_moe_matches_dense_reference(expert_type):
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 24, num_experts=4, experts_per_token=2, num_shared_experts=1, expert_type=expert_type)
+    nn.init.normal_(moe.router.weight, std=0.5)  # spread tokens over all experts
+    x = torch.randn(3, 10, 16)
+    torch.testing.assert_close(moe(x), _reference_moe(moe, x), atol=1e-6, rtol=1e-5)
+    assert (moe.last_load > 0).all()
+
+
+def test_sparse_moe_single_expert_equals_dense_mlp():
+    torch.manual_seed(0)
+    mlp = Mlp(16, 32)
+    nn.init.normal_(mlp.fc1.bias)
+    nn.init.normal_(mlp.fc2.bias)
+    moe = SparseMoE(16, 32, num_experts=1, experts_per_token=1)
+    moe.experts[0].load_state_dict(mlp.state_dict())
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(moe(x), mlp(x), atol=1e-6, rtol=0)
+
+
+def test_sparse_moe_swiglu_expert_formula():
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 12, num_experts=1, experts_per_token=1, expert_type="swiglu")
+    e = moe.experts[0]
+    x = torch.randn(1, 3, 8)
+    expected = (F.silu(x @ e.gate_proj.weight.t()) * (x @ e.up_proj.weight.t())) @ e.down_proj.weight.t()
+    torch.testing.assert_close(moe(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_sparse_moe_balance_loss_hand_computed():
+    moe = SparseMoE(3, 4, num_experts=3, experts_per_token=2, balance_loss_coef=0.1)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(3))  # logits = x
+    logits = [[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]]  # top-2: {0, 1} and {2, 1}
+    moe(torch.tensor([logits]))
+
+    def softmax(v):
+        z = sum(math.exp(a) for a in v)
+        return [math.exp(a) / z for a in v]
+
+    probs = [softmax(v) for v in logits]
+    f = [1 / 4, 2 / 4, 1 / 4]  # 4 assignments: expert 0 once, expert 1 twice, expert 2 once
+    mean_p = [(probs[0][e] + probs[1][e]) / 2 for e in range(3)]
+    expected = 0.1 * 3 * sum(fe * pe for fe, pe in zip(f, mean_p))
+    assert moe.aux_loss.item() == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(moe.last_load, torch.tensor(f))
+
+
+def test_sparse_moe_capacity_drops_second_choices_then_later_tokens():
+    # Top-1, every token prefers expert 0; capacity ceil(1.0 * 4 * 1 / 2) = 2 keeps tokens 0 and 1.
+    moe = SparseMoE(2, 4, num_experts=2, experts_per_token=1, capacity_factor=1.0)
+    _constant_experts(moe)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(2))
+    x = torch.tensor([[[2.0, 0.0], [3.0, 1.0], [1.0, 0.0], [4.0, 0.0]]])
+    assert moe.expert_capacity(4) == 2
+    expected = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    torch.testing.assert_close(moe(x), expected)
+    torch.testing.assert_close(moe.last_load, torch.tensor([1.0, 0.0]))  # load is counted before dropping
+
+    # Top-2 over 3 experts, capacity ceil(0.5 * 2 * 2 / 3) = 1: token 0 ranks (0, 1), token 1 ranks (1, 0).
+    # Expert 1 keeps token 1's first choice over token 0's earlier-positioned second choice.
+    moe = SparseMoE(3, 4, num_experts=3, experts_per_token=2, capacity_factor=0.5)
+    _constant_experts(moe)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(3))
+    x = torch.tensor([[[2.0, 1.0, 0.0], [1.0, 2.0, 0.0]]])
+    s = 1.0 / (1.0 + math.exp(-1.0))
+    expected = torch.tensor([[[s, 0.0, 0.0], [0.0, s, 0.0]]])
+    torch.testing.assert_close(moe(x), expected)
+
+
+def test_sparse_moe_gradients_reach_router_and_used_experts():
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 16, num_experts=4, experts_per_token=2, num_shared_experts=1)
+    nn.init.normal_(moe.router.weight, std=0.5)
+    x = torch.randn(2, 6, 8)
+    (moe(x).square().sum() + moe_aux_loss(moe)).backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    for e, expert in enumerate(moe.experts):
+        if moe.last_load[e] > 0:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.parameters()), e
+        else:
+            assert all(p.grad is None for p in expert.parameters()), e
+    assert all(p.grad.abs().sum() > 0 for p in moe.shared_experts.parameters())
+    assert (moe.last_load > 0).sum() >= 2
+
+
+def _random_tiny_dit():
+    torch.manual_seed(0)
+    model = build_model("t1", input_size=8, in_channels=3, num_classes=2, learn_sigma=False)
+    with torch.no_grad():
+        # adaLN-Zero makes a fresh DiT output zeros; random weights make the comparison mean something.
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(std=0.1)
+    return model.eval()
+
+
+def test_upcycle_preserves_outputs():
+    dense = _random_tiny_dit()
+    moe_model = upcycle(dense, num_experts=4, top_k=2, router_init_std=1.0).eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([0, 1])
+    with torch.no_grad():
+        out_dense, out_moe = dense(x, t, y), moe_model(x, t, y)
+    assert out_dense.abs().mean() > 1e-2
+    torch.testing.assert_close(out_moe, out_dense, atol=1e-5, rtol=1e-5)
+    assert isinstance(dense.blocks[0].mlp, Mlp)  # the dense model is untouched
+    loads = expert_loads(moe_model)
+    assert list(loads) == [f"blocks.{i}.mlp" for i in range(len(dense.blocks))]
+    assert all((load > 0).sum() >= 2 for load in loads.values())  # the random router spreads tokens
+    # Everything but the MLPs is unchanged; each expert is a copy of its block's MLP.
+    dense_sd, moe_sd = dense.state_dict(), moe_model.state_dict()
+    for key, value in dense_sd.items():
+        if key.startswith("blocks.") and ".mlp." in key:
+            block, rest = key.split(".mlp.")
+            for e in range(4):
+                torch.testing.assert_close(moe_sd[f"{block}.mlp.experts.{e}.{rest}"], value, atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(moe_sd[key], value, atol=0, rtol=0)
+
+
+def test_upcycle_zero_router_still_matches():
+    dense = _random_tiny_dit()
+    moe_model = upcycle(dense, num_experts=2, top_k=1, router_init_std=0.0).eval()
+    assert moe_model.blocks[1].mlp.router.weight.abs().sum() == 0
+    x, t, y = torch.randn(1, 3, 8, 8), torch.tensor([3]), torch.tensor([1])
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(x, t, y), dense(x, t, y), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_aux_loss_sums_modules_and_is_zero_without_moe():
+    dense = _random_tiny_dit()
+    assert moe_aux_loss(dense).item() == 0.0
+    assert expert_loads(dense) == {}
+    moe_model = upcycle(dense, num_experts=4, top_k=2, balance_loss_coef=0.5)
+    moe_model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    blocks = moe_model.blocks
+    torch.testing.assert_close(moe_aux_loss(moe_model), blocks[0].mlp.aux_loss + blocks[1].mlp.aux_loss)
+    assert moe_aux_loss(moe_model).requires_grad
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("DiT-S/2-8E2A", ("DiT-S/2", 8, 2)),
+        ("a4-16E2A", ("a4", 16, 2)),
+        ("t3-4E2A", ("t3", 4, 2)),
+        ("DiT-XL/2-8E2A", ("DiT-XL/2", 8, 2)),
+        ("t3", None),
+        ("DiT-S/2", None),
+        ("t3-8e2a", None),
+        ("t3-8E", None),
+        ("-8E2A", None),
+        ("t3-E2A", None),
+        ("t3-8E2A-x", None),
+    ],
+)
+def test_parse_moe_suffix_examples(name, expected):
+    assert parse_moe_suffix(name) == expected
+
+
+@pytest.mark.parametrize("name", ["t3-2E4A", "t3-0E0A", "t3-8E0A"])
+def test_parse_moe_suffix_rejects_unbuildable(name):
+    with pytest.raises(ValueError, match="MoE suffix"):
+        parse_moe_suffix(name)
+
+
+@pytest.mark.parametrize(("expert_type", "num_shared"), [("gelu", 1), ("swiglu", 2), ("gelu", 0)])
+def test_parameter_counts_formula(expert_type, num_shared):
+    D, H, E, k = 8, 16, 4, 2
+    moe = SparseMoE(D, H, num_experts=E, experts_per_token=k, num_shared_experts=num_shared, expert_type=expert_type)
+
+    def expert(hidden):
+        return 2 * D * hidden + hidden + D if expert_type == "gelu" else 3 * D * hidden
+
+    shared = expert(num_shared * H) if num_shared else 0
+    total, active = parameter_counts(moe)
+    assert total == D * E + E * expert(H) + shared
+    assert active == D * E + k * expert(H) + shared == moe.num_active_parameters()
+    assert moe.macs_per_token() == D * E + (k + num_shared) * (2 if expert_type == "gelu" else 3) * D * H
+
+
+def test_parameter_counts_upcycled_dit():
+    dense = _random_tiny_dit()
+    moe_model = upcycle(dense, num_experts=4, top_k=2)
+    D, H, depth = 64, 256, 2  # t1: width 64, depth 2, mlp_ratio 4
+    mlp = 2 * D * H + H + D
+    dense_total, dense_active = parameter_counts(dense)
+    assert dense_total == dense_active == sum(p.numel() for p in dense.parameters())
+    total, active = parameter_counts(moe_model)
+    assert total == dense_total + depth * (3 * mlp + D * 4)
+    assert active == dense_total + depth * (mlp + D * 4)
+
+
+def test_sparse_moe_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="experts_per_token"):
+        SparseMoE(8, 16, num_experts=2, experts_per_token=3)
+    with pytest.raises(ValueError, match="expert_type"):
+        SparseMoE(8, 16, expert_type="relu")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        SparseMoE(8, 16, capacity_factor=0.0)
