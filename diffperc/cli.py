@@ -32,6 +32,8 @@ class DiffpercCLI(LightningCLI):
 # Project subcommands that need no Trainer: name -> "module:function" taking the remaining argv.
 PROJECT_COMMANDS = {
     "models": "diffperc.models.__main__:main",
+    "export": "diffperc.export:main",
+    "upcycle": "diffperc.upcycling:main",
 }
 
 

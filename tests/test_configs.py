@@ -9,14 +9,22 @@ import yaml
 
 from diffperc.cli import DiffpercCLI
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def _config_args(config: Path) -> list[str]:
+    """An override file names its base on its first line (``# base: configs/...``); compose it like a user would."""
+    first = config.read_text().splitlines()[0] if config.read_text() else ""
+    bases = [ROOT / b.strip() for b in first.removeprefix("# base:").split(",")] if first.startswith("# base:") else []
+    return [arg for path in [*bases, config] for arg in ("--config", str(path))]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_config_prints_full_config(config):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        DiffpercCLI(args=["fit", "--config", str(config), "--print_config"])
+        DiffpercCLI(args=["fit", *_config_args(config), "--print_config"])
     assert exit_info.value.code in (None, 0)
     resolved = yaml.safe_load(out.getvalue())
     assert resolved["model"]["class_path"].startswith("diffperc.")

@@ -1,6 +1,7 @@
 """Callbacks that observe training and inference without changing the math."""
 
 from diffperc.callbacks.images import PredictionImageLogger
+from diffperc.callbacks.moe import ExpertLoadLogger
 from diffperc.callbacks.writer import PredictionWriter
 
-__all__ = ["PredictionImageLogger", "PredictionWriter"]
+__all__ = ["ExpertLoadLogger", "PredictionImageLogger", "PredictionWriter"]

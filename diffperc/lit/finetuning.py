@@ -3,7 +3,7 @@
 To run: ``diffperc fit --config configs/quickstart/depth.yaml`` then ``diffperc test ... --ckpt_path last``.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,9 @@ from diffperc.diffusion import (
     sample_ensemble,
     training_target,
 )
-from diffperc.models import build_model, widen_input_projection
+from diffperc.models import build_model, moe_aux_loss, moe_config, widen_input_projection
+from diffperc.models import upcycle as upcycle_dense
+from diffperc.models.moe import to_moe
 from diffperc.tasks import Task
 from diffperc.utils import atomic_write_json
 
@@ -48,6 +50,36 @@ class Backbone:
     learn_sigma: bool = False
 
 
+@dataclass
+class Upcycle:
+    """Upcycling a dense network into a mixture of experts before fine-tuning (paper §4.4).
+
+    Args:
+        num_experts: Experts E per block; each starts as a copy of the block's dense MLP.
+        top_k: Experts per token k (weights renormalised over the k, so the upcycled model starts equal to the dense).
+        balance_loss_coef: Coefficient of the expert balance loss added to the training loss.
+        capacity_factor: Optional expert capacity (drops assignments beyond it; None keeps all).
+        router_init_std: Standard deviation of the new router's weights.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    balance_loss_coef: float = 0.01
+    capacity_factor: float | None = None
+    router_init_std: float = 0.02
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"`--model.upcycle.top_k` must be in 1..num_experts={self.num_experts}, got {self.top_k}")
+
+
+def _as(cls, value):
+    """A dataclass argument given as an instance, a dict (from a checkpoint's hyper-parameters) or None."""
+    if value is None or isinstance(value, cls):
+        return value
+    return cls(**value)
+
+
 class PerceptionFinetuning(LightningModule):
     """Fine-tunes a DiT to denoise a task's target latent given its condition latents.
 
@@ -57,6 +89,7 @@ class PerceptionFinetuning(LightningModule):
         backbone: The DiT preset and overrides.
         image_size: Training image side in pixels (sets the DiT's stored position-embedding grid).
         init_from: Pretrained weights (DiT ``.pt``, diffperc checkpoint or ``.safetensors``); None = from scratch.
+        upcycle: Upcycle the (loaded) dense network into a mixture of experts before training; None = keep it.
         optimizer: Optimizer factory (AdamW in the paper's recipes).
         lr_scheduler: LR schedule factory, stepped every optimisation step (exponential decay in the recipes).
         diffusion: Training noise schedule and prediction type.
@@ -76,14 +109,19 @@ class PerceptionFinetuning(LightningModule):
         diffusion: DiffusionSettings | None = None,
         inference: InferenceSettings | None = None,
         num_images_logged: int = 4,
+        upcycle: Upcycle | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["task", "codec", "optimizer", "lr_scheduler"])
+        for key, value in list(self.hparams.items()):  # plain values only, so weights_only loading accepts them
+            if is_dataclass(value):
+                self.hparams[key] = asdict(value)
         self.task = task
         self.codec = codec if codec is not None else PixelCodec()
-        self.backbone = backbone or Backbone()
-        self.diffusion = diffusion or DiffusionSettings()
-        self.inference = inference or InferenceSettings()
+        self.backbone = _as(Backbone, backbone) or Backbone()
+        self.diffusion = _as(DiffusionSettings, diffusion) or DiffusionSettings()
+        self.inference = _as(InferenceSettings, inference) or InferenceSettings()
+        self.upcycle = _as(Upcycle, upcycle)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.num_images_logged = num_images_logged
         if image_size % self.codec.downsample:
@@ -92,8 +130,8 @@ class PerceptionFinetuning(LightningModule):
                 f"{self.codec.downsample}"
             )
 
-        # 1. Build the DiT for one latent, load pretrained weights into it, then widen its input for k conditions
-        #    (the widening rule keeps the pretrained response; it must come after loading).
+        # 1. Build the DiT for one latent and widen its input for k conditions: the widening rule keeps the response
+        #    of an all-RGB input, and load_pretrained applies the same rule to a one-latent checkpoint.
         c = self.codec.latent_channels
         b = self.backbone
         self.net = build_model(
@@ -108,14 +146,38 @@ class PerceptionFinetuning(LightningModule):
             num_classes=1,
             class_dropout_prob=0.0,
         )
-        if init_from:
-            from diffperc.models.pretrained import load_pretrained
-
-            load_pretrained(self.net, init_from)
         widen_input_projection(self.net, task.num_conditions + 1)
         self.latent_channels = c
+        # 2. Pretrained weights, then upcycling. A checkpoint that is already a mixture of experts (from
+        #    `diffperc upcycle` or an upcycled run) is loaded into the MoE layout instead.
+        u = self.upcycle
+        moe = (
+            dict(
+                num_experts=u.num_experts,
+                experts_per_token=u.top_k,
+                balance_loss_coef=u.balance_loss_coef,
+                capacity_factor=u.capacity_factor,
+            )
+            if u
+            else None
+        )
+        if init_from:
+            from diffperc.models.pretrained import load_pretrained, read_network_state
 
-        # 2. Noise schedule for training; DDIM sampler over the same betas for inference.
+            if any(".mlp.experts." in k for k in read_network_state(init_from)):
+                if u is None:
+                    raise ValueError(
+                        f"`--model.init_from` {init_from} is a mixture of experts: set "
+                        "`--model.upcycle.num_experts` and `--model.upcycle.top_k` to match it"
+                    )
+                to_moe(self.net, moe)
+            load_pretrained(self.net, init_from)
+        if u and moe_config(self.net) is None:
+            self.net = upcycle_dense(
+                self.net, u.num_experts, u.top_k, u.capacity_factor, u.balance_loss_coef, u.router_init_std
+            )
+
+        # 3. Noise schedule for training; DDIM sampler over the same betas for inference.
         self.noise_scheduler = make_train_scheduler(self.diffusion)
         clip = self.inference.clip_sample if self.inference.clip_sample is not None else self.codec.clip_sample
         self.sampler = make_sampler(self.noise_scheduler, self.inference.timestep_spacing, clip)
@@ -144,7 +206,19 @@ class PerceptionFinetuning(LightningModule):
         out = self.net(torch.cat([cond, xt], dim=1), t, self._task_ids(batch))[:, : self.latent_channels]
         loss = F.mse_loss(out.float(), training_target(self.noise_scheduler, x0, noise, t).float())
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        if self.is_moe:
+            aux = moe_aux_loss(self.net)  # the balance loss of this forward, already scaled by its coefficient
+            self.log("train/moe_aux_loss", aux, batch_size=x0.shape[0])
+            loss = loss + aux
         return loss
+
+    @property
+    def is_moe(self) -> bool:
+        return moe_config(self.net) is not None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What rebuilds the network without the config (used by `diffperc export` and `load_pretrained` users).
+        checkpoint["diffperc"] = {"dit_config": self.net.config, "moe": moe_config(self.net), "task": self.task.name}
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -179,6 +253,8 @@ class PerceptionFinetuning(LightningModule):
         self._log_metrics(self.val_metrics, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._test_image_shape = tuple(self.task.conditions(batch)[0].shape[1:])
         pred, _ = self.predict_batch(batch)
         self.task.update_metrics(self.test_metrics, pred, batch)
         baseline = self.task.baseline(batch)
@@ -191,12 +267,33 @@ class PerceptionFinetuning(LightningModule):
         if self.trainer.is_global_zero:
             log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             record = {"task": self.task.name, **results, "inference": asdict(self.inference)}
+            if getattr(self, "_test_image_shape", None):
+                record["compute/test_macs_per_sample"] = self.test_macs_per_sample(self._test_image_shape)
             atomic_write_json(log_dir / "test_metrics.json", record)
             self.test_results = record
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         pred, uncertainty = self.predict_batch(batch)
         return {"pred": pred, "uncertainty": uncertainty, "batch": batch}
+
+    def test_macs_per_sample(self, image_shape: tuple[int, int, int]) -> int:
+        """Inference MACs for one input of ``image_shape`` (C, H, W): N members x steps x one network forward, plus
+        encoding the conditions once and decoding the N predicted latents (zero for the pixel codec)."""
+        from diffperc.compute import count_macs
+
+        settings = self.inference
+        x = torch.zeros(1, *image_shape, device=self.device)
+        latent = self.codec.encode(x)
+        net_in = torch.zeros(1, latent.shape[1] * (self.task.num_conditions + 1), *latent.shape[2:], device=self.device)
+        t, y = (
+            torch.zeros(1, dtype=torch.long, device=self.device),
+            torch.zeros(1, dtype=torch.long, device=self.device),
+        )
+        forward = count_macs(self.net, net_in, t, y)
+        codec = _CodecMACs(self.codec)
+        encode = count_macs(codec, x, mode="encode") * self.task.num_conditions
+        decode = count_macs(codec, latent, mode="decode") * settings.ensemble_size
+        return int(settings.ensemble_size * settings.num_steps * forward + encode + decode)
 
     # ------------------------------------------------------------------- helpers
     def _compute(self, metrics: MetricCollection) -> dict[str, float]:
@@ -215,6 +312,17 @@ class PerceptionFinetuning(LightningModule):
         return values
 
     def configure_callbacks(self):
-        from diffperc.callbacks import PredictionImageLogger, PredictionWriter
+        from diffperc.callbacks import ExpertLoadLogger, PredictionImageLogger, PredictionWriter
 
-        return [PredictionImageLogger(), PredictionWriter()]
+        return [PredictionImageLogger(), PredictionWriter(), *([ExpertLoadLogger()] if self.is_moe else [])]
+
+
+class _CodecMACs(torch.nn.Module):
+    """Lets ``count_macs`` see a codec's encode or decode as one module call."""
+
+    def __init__(self, codec: Codec):
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return self.codec.encode(x) if mode == "encode" else self.codec.decode(x)

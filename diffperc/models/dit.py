@@ -209,6 +209,7 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.input_size = input_size
+        self.hidden_size, self.mlp_ratio = hidden_size, mlp_ratio
         self._pos_cache: dict = {}
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -220,6 +221,23 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    @property
+    def config(self) -> dict:
+        """Constructor keywords that rebuild this network's dense layout (after any input widening)."""
+        return dict(
+            input_size=self.input_size,
+            patch_size=self.patch_size,
+            in_channels=self.x_embedder.proj.in_channels,
+            hidden_size=self.hidden_size,
+            depth=len(self.blocks),
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            class_dropout_prob=self.y_embedder.dropout_prob,
+            num_classes=self.y_embedder.num_classes,
+            learn_sigma=self.learn_sigma,
+            out_channels=self.base_out_channels,
+        )
 
     def initialize_weights(self) -> None:
         # Transformer layers: Xavier uniform weights, zero biases.

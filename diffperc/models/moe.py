@@ -310,3 +310,30 @@ def parse_moe_suffix(name: str) -> tuple[str, int, int] | None:
             f"Model preset {name!r}: the MoE suffix needs 1 <= active experts ({top_k}) <= experts ({num_experts})"
         )
     return base, num_experts, top_k
+
+
+_MOE_KEYS = (
+    "num_experts",
+    "experts_per_token",
+    "num_shared_experts",
+    "expert_type",
+    "normalize_weights",
+    "capacity_factor",
+    "balance_loss_coef",
+)
+
+
+def moe_config(model: nn.Module) -> dict | None:
+    """The SparseMoE settings of a model (those of its first MoE layer), or None for a dense model."""
+    layer = next((m for m in model.modules() if isinstance(m, SparseMoE)), None)
+    return None if layer is None else {key: getattr(layer, key) for key in _MOE_KEYS}
+
+
+def to_moe(model: DiT, config: dict) -> DiT:
+    """Replaces every block MLP of ``model`` in place by a freshly initialised SparseMoE with ``config``
+    (``moe_config`` keys); the layout to load an MoE checkpoint into."""
+    for block in model.blocks:
+        dim, hidden = block.mlp.fc1.in_features, block.mlp.fc1.out_features
+        device = block.mlp.fc1.weight.device
+        block.mlp = SparseMoE(dim, hidden, **{k: config[k] for k in _MOE_KEYS if k in config}).to(device)
+    return model

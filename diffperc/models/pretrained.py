@@ -43,8 +43,10 @@ def drop_sigma(state_dict: Mapping[str, torch.Tensor], patch_size: int, out_chan
             raise KeyError(f"drop_sigma: `{key}` is not in the state dict")
         value = out[key]
         if value.shape[0] != p * p * 2 * c:
-            raise ValueError(f"drop_sigma: `{key}` has {value.shape[0]} rows, expected patch_size**2 * 2 * "
-                             f"out_channels = {p * p * 2 * c}")
+            raise ValueError(
+                f"drop_sigma: `{key}` has {value.shape[0]} rows, expected patch_size**2 * 2 * "
+                f"out_channels = {p * p * 2 * c}"
+            )
         rest = value.shape[1:]
         out[key] = value.reshape(p, p, 2 * c, *rest)[:, :, :c].reshape(p * p * c, *rest).clone()
     return out
@@ -93,8 +95,9 @@ def task_embedding_rows(table: torch.Tensor, num_tasks: int, has_null_row: bool)
     return classes.mean(dim=0, keepdim=True).expand(num_tasks, -1).clone()
 
 
-def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True, *,
-                    source_has_null_row: bool = True) -> dict:
+def load_pretrained(
+    model: nn.Module, path: str | Path, strict: bool = True, *, source_has_null_row: bool = True
+) -> dict:
     """Loads DiT weights from ``path`` into ``model``, converting them where the two architectures differ.
 
     Formats: an official DiT state dict (``DiT-XL-2-512x512.pt``; a ``{"model", "ema"}`` training checkpoint uses
@@ -134,26 +137,45 @@ def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True, *,
     raw, fmt = _read(path)
     flat, ema_by_callback = _network_tensors(raw, path)
     prefix = _pick_prefix(flat, path)
-    source = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    source = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
     target = model.state_dict()
     source, conversions = _convert(source, target, model, path, source_has_null_row)
 
     mismatched = [k for k in source if k in target and source[k].shape != target[k].shape]
     if mismatched:
-        listed = ", ".join(f"`{k}` file {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
-                           for k in mismatched[:_MAX_LISTED])
+        listed = ", ".join(
+            f"`{k}` file {tuple(source[k].shape)} vs model {tuple(target[k].shape)}" for k in mismatched[:_MAX_LISTED]
+        )
         more = f" (+{len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
         raise ValueError(f"{path}: the weights do not fit the model (wrong architecture or size?): {listed}{more}")
     missing = [k for k in target if k not in source]
     unexpected = [k for k in source if k not in target]
     if strict and (missing or unexpected):
-        raise ValueError(f"{path}: keys differ from the model (pass strict=False to load the rest): "
-                         f"missing {missing[:_MAX_LISTED]} ({len(missing)} in all), "
-                         f"unexpected {unexpected[:_MAX_LISTED]} ({len(unexpected)} in all)")
+        raise ValueError(
+            f"{path}: keys differ from the model (pass strict=False to load the rest): "
+            f"missing {missing[:_MAX_LISTED]} ({len(missing)} in all), "
+            f"unexpected {unexpected[:_MAX_LISTED]} ({len(unexpected)} in all)"
+        )
     model.load_state_dict({k: v for k, v in source.items() if k in target}, strict=False)
     ema = ema_by_callback or bool(_EMA_PREFIX.search(prefix))
-    return {"path": str(path), "format": fmt, "prefix": prefix, "ema": ema, "conversions": conversions,
-            "missing_keys": missing, "unexpected_keys": unexpected}
+    return {
+        "path": str(path),
+        "format": fmt,
+        "prefix": prefix,
+        "ema": ema,
+        "conversions": conversions,
+        "missing_keys": missing,
+        "unexpected_keys": unexpected,
+    }
+
+
+def read_network_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The network tensors of a checkpoint file without a model (EMA weights when present), keys without prefix."""
+    path = Path(path)
+    raw, _ = _read(path)
+    flat, _ = _network_tensors(raw, path)
+    prefix = _pick_prefix(flat, path)
+    return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
 
 
 def _read(path: Path) -> tuple[object, str]:
@@ -167,9 +189,11 @@ def _read(path: Path) -> tuple[object, str]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         # weights_only refuses any pickled object that is not a tensor or a plain container: never run it.
-        raise ValueError(f"{path}: torch.load(weights_only=True) could not read it: a corrupt file, or one holding "
-                         f"Python objects other than tensors and plain containers (refused: unpickling them could "
-                         f"run code): {err}") from err
+        raise ValueError(
+            f"{path}: torch.load(weights_only=True) could not read it: a corrupt file, or one holding "
+            f"Python objects other than tensors and plain containers (refused: unpickling them could "
+            f"run code): {err}"
+        ) from err
     if not isinstance(raw, Mapping):
         raise TypeError(f"{path}: not a state dict (the file holds a {type(raw).__name__}, expected a dict)")
     return raw, "lightning" if isinstance(raw.get("state_dict"), Mapping) else "dit"
@@ -200,8 +224,9 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
 def _pick_prefix(flat: Mapping[str, torch.Tensor], path: Path) -> str:
     prefixes = sorted(k[: -len(_ANCHOR)] for k in flat if k == _ANCHOR or k.endswith("." + _ANCHOR))
     if not prefixes:
-        raise ValueError(f"{path}: no DiT weights in it (no key ending in `{_ANCHOR}`); "
-                         f"first keys: {list(flat)[:_MAX_LISTED]}")
+        raise ValueError(
+            f"{path}: no DiT weights in it (no key ending in `{_ANCHOR}`); first keys: {list(flat)[:_MAX_LISTED]}"
+        )
     ema = [p for p in prefixes if _EMA_PREFIX.search(p)]
     candidates = ema or prefixes
     if len(candidates) > 1:
@@ -209,8 +234,13 @@ def _pick_prefix(flat: Mapping[str, torch.Tensor], path: Path) -> str:
     return candidates[0]
 
 
-def _convert(source: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], model: nn.Module, path: Path,
-             source_has_null_row: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _convert(
+    source: dict[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    path: Path,
+    source_has_null_row: bool,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Applies the conversions of ``load_pretrained`` where shapes differ; returns the new dict and one line each."""
     done = []
 
@@ -224,8 +254,9 @@ def _convert(source: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor]
         rows_src, rows_tgt = source[key].shape[0], target[key].shape[0]
         if rows_src == 2 * rows_tgt and rows_tgt % (p * p) == 0:
             source = drop_sigma(source, p, rows_tgt // (p * p))
-            done.append(f"final_layer.linear: dropped sigma, {rows_src // (p * p)} -> {rows_tgt // (p * p)} "
-                        "channels per pixel")
+            done.append(
+                f"final_layer.linear: dropped sigma, {rows_src // (p * p)} -> {rows_tgt // (p * p)} channels per pixel"
+            )
 
     # 2. k conditioning latents stacked before the noisy one: widen the patch embedding.
     key = "x_embedder.proj.weight"
@@ -246,8 +277,10 @@ def _convert(source: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor]
             null = table[-1:] if source_has_null_row else new[:1]
             new = torch.cat([new, null.to(new.dtype)])
         source = {**source, key: new}
-        done.append(f"y_embedder.embedding_table: {table.shape[0]} -> {rows} rows (class mean"
-                    f"{', null row kept' if target_has_null and source_has_null_row else ''})")
+        done.append(
+            f"y_embedder.embedding_table: {table.shape[0]} -> {rows} rows (class mean"
+            f"{', null row kept' if target_has_null and source_has_null_row else ''})"
+        )
 
     # 4. Position embedding: fixed sin-cos, so it can be rebuilt for any grid.
     key = "pos_embed"
@@ -258,9 +291,11 @@ def _convert(source: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor]
             expected = sincos_pos_embed(stored.shape[2], side).unsqueeze(0)
             if not torch.allclose(stored.float(), expected, atol=1e-5, rtol=0):
                 diff = (stored.float() - expected).abs().max().item()
-                warnings.warn(f"{path}: `pos_embed` is not the sin-cos embedding for its {side}x{side} grid "
-                              f"(max difference {diff:.2e}); it is {'replaced' if _differs(key) else 'kept'}",
-                              stacklevel=3)
+                warnings.warn(
+                    f"{path}: `pos_embed` is not the sin-cos embedding for its {side}x{side} grid "
+                    f"(max difference {diff:.2e}); it is {'replaced' if _differs(key) else 'kept'}",
+                    stacklevel=3,
+                )
         if _differs(key) and stored.shape[2] == target[key].shape[2]:
             side_tgt = math.isqrt(target[key].shape[1])
             if side_tgt * side_tgt == target[key].shape[1]:

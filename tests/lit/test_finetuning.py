@@ -56,6 +56,7 @@ class _LossRecorder(Callback):
 
 
 def _tiny_module(**kw) -> PerceptionFinetuning:
+    kw.setdefault("inference", InferenceSettings(num_steps=1))
     return PerceptionFinetuning(
         task=DepthTask(min_depth=0.1, max_depth=30.0),
         codec=PixelCodec(),
@@ -63,7 +64,6 @@ def _tiny_module(**kw) -> PerceptionFinetuning:
         image_size=16,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
         diffusion=DiffusionSettings(prediction_type="v_prediction"),
-        inference=InferenceSettings(num_steps=1),
         **kw,
     )
 
@@ -166,3 +166,11 @@ def test_cli_fit_test_resume_predict_end_to_end(tmp_path):
         assert cv2.imread(str(out / f"{name}_depth16.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
         assert np.load(out / f"{name}_depth.npy").shape == (h, w)
         assert (out / f"{name}_uncertainty.png").is_file()  # ensemble_size 2 -> an uncertainty map
+
+
+def test_test_macs_per_sample_is_members_times_steps_times_forward():
+    module = _tiny_module(inference=InferenceSettings(num_steps=3, ensemble_size=2))
+    D, T, C, p, L, C_out = 32, 64, 6, 2, 2, 3  # width, tokens (16 px / patch 2)^2, [RGB, target] channels, ...
+    block = 6 * D * D + T * 3 * D * D + 2 * T * T * D + T * D * D + 8 * T * D * D  # adaLN, qkv, attn, proj, MLP
+    forward = T * D * C * p * p + 256 * D + D * D + L * block + 2 * D * D + T * D * p * p * C_out
+    assert module.test_macs_per_sample((3, 16, 16)) == 2 * 3 * forward  # the pixel codec costs nothing

@@ -1,0 +1,117 @@
+"""Exports a trained network to safetensors plus a JSON of what rebuilds it, and loads such an export back.
+
+To run: ``diffperc export --ckpt runs/quickstart_depth/checkpoints/last.ckpt --out depth_t2.safetensors``
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffperc.models import DiT, load_pretrained, moe_config
+from diffperc.models.moe import to_moe
+from diffperc.models.pretrained import read_network_state
+from diffperc.utils import atomic_write_bytes, atomic_write_json
+
+FORMAT_VERSION = 1
+
+
+def _infer_config(state: dict[str, torch.Tensor], hparams: dict) -> dict:
+    """DiT constructor keywords from a network's tensors (shapes) and the run's hyper-parameters."""
+    proj = state["x_embedder.proj.weight"]  # (D, C_in, p, p)
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    tokens = state["pos_embed"].shape[1]
+    rows = state["y_embedder.embedding_table.weight"].shape[0]
+    out_per_patch = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    fc1 = state.get("blocks.0.mlp.fc1.weight", state.get("blocks.0.mlp.experts.0.fc1.weight"))
+    backbone = hparams.get("backbone") or {}
+    num_heads = backbone.get("num_heads")
+    if num_heads is None:
+        from diffperc.models.dit import DiT_models
+
+        num_heads = DiT_models.get(str(backbone.get("name")), {}).get("num_heads")
+    if num_heads is None:
+        raise ValueError("Cannot tell the number of attention heads: the checkpoint has no `backbone` hyper-parameters")
+    learn_sigma = bool(backbone.get("learn_sigma", False))
+    return dict(
+        input_size=int(round(tokens**0.5)) * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=(fc1.shape[0] / hidden) if fc1 is not None else 4.0,
+        class_dropout_prob=0.0,
+        num_classes=rows,
+        learn_sigma=learn_sigma,
+        out_channels=out_per_patch // 2 if learn_sigma else out_per_patch,
+    )
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Writes ``out`` (safetensors, the network's tensors; EMA weights when the checkpoint has them) and
+    ``out`` with suffix ``.json`` (DiT config, MoE settings, task and run metadata). Both atomically."""
+    ckpt, out = Path(ckpt), Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"`--out` must end in .safetensors, got {out}")
+    state = read_network_state(ckpt)
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.suffix != ".safetensors" else {}
+    hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
+    meta = dict(raw.get("diffperc") or {}) if isinstance(raw, dict) else {}
+    config = meta.get("dit_config") or _infer_config(state, hparams)
+    moe = meta.get("moe")
+    model = DiT(**config)
+    if moe or any(".mlp.experts." in k for k in state):
+        moe = moe or {
+            "num_experts": 1 + max(int(k.split(".")[4]) for k in state if ".mlp.experts." in k),
+            "experts_per_token": int((hparams.get("upcycle") or {}).get("top_k", 2)),
+        }
+        to_moe(model, moe)
+    model.load_state_dict(state, strict=True)  # proves the config rebuilds exactly this network
+    record = {
+        "format_version": FORMAT_VERSION,
+        "dit_config": config,
+        "moe": moe_config(model),
+        "task": meta.get("task"),
+        "hyper_parameters": hparams,
+        "source": str(ckpt),
+        "global_step": raw.get("global_step") if isinstance(raw, dict) else None,
+    }
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "diffperc", "format_version": str(FORMAT_VERSION)})
+    atomic_write_bytes(out, tmp.read_bytes())
+    tmp.unlink()
+    meta_path = atomic_write_json(out.with_suffix(".json"), record)
+    return out, meta_path
+
+
+def load_exported(path: str | Path) -> DiT:
+    """Rebuilds the network of an export (``.safetensors`` + its ``.json``) and loads its weights strictly."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: an export is a .safetensors file plus its .json")
+    record = json.loads(meta_path.read_text())
+    model = DiT(**record["dit_config"])
+    if record.get("moe"):
+        to_moe(model, record["moe"])
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="diffperc export", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--ckpt", required=True, help="a diffperc Lightning checkpoint (e.g. run/checkpoints/last.ckpt)"
+    )
+    parser.add_argument("--out", required=True, help="output .safetensors path (a .json is written beside it)")
+    args = parser.parse_args(argv)
+    weights, meta = export_checkpoint(args.ckpt, args.out)
+    print(f"Wrote {weights} and {meta}")
+
+
+__all__ = ["export_checkpoint", "load_exported", "load_pretrained"]

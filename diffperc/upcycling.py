@@ -1,0 +1,80 @@
+"""Upcycles a dense checkpoint into a mixture-of-experts checkpoint that ``diffperc fit`` accepts as ``init_from``.
+
+To run: ``diffperc upcycle --src runs/quickstart_depth/checkpoints/last.ckpt --out moe.ckpt --num_experts 8
+--top_k 2``, then ``diffperc fit --config configs/quickstart/depth_upcycle.yaml --model.init_from moe.ckpt``.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from diffperc.export import _infer_config
+from diffperc.models import DiT, moe_config, upcycle
+from diffperc.models.pretrained import read_network_state
+from diffperc.utils import atomic_write_bytes
+
+
+def upcycle_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    num_experts: int,
+    top_k: int,
+    balance_loss_coef: float = 0.01,
+    router_init_std: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """Reads the dense network of ``src`` (EMA weights when present), upcycles it, and writes ``out`` atomically
+    as a checkpoint holding ``state_dict`` (keys ``net.*``) and the ``diffperc`` metadata of fine-tuning runs."""
+    src, out = Path(src), Path(out)
+    state = read_network_state(src)
+    if any(".mlp.experts." in k for k in state):
+        raise ValueError(f"`--src` {src} is already a mixture of experts")
+    raw = torch.load(src, map_location="cpu", weights_only=True) if src.suffix != ".safetensors" else {}
+    meta = dict(raw.get("diffperc") or {}) if isinstance(raw, dict) else {}
+    hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
+    dense = DiT(**(meta.get("dit_config") or _infer_config(state, hparams)))
+    dense.load_state_dict(state, strict=True)
+    torch.manual_seed(seed)  # the router's initialisation
+    moe = upcycle(dense, num_experts, top_k, balance_loss_coef=balance_loss_coef, router_init_std=router_init_std)
+    record = {
+        "state_dict": {f"net.{k}": v.contiguous() for k, v in moe.state_dict().items()},
+        "diffperc": {
+            "dit_config": dense.config,
+            "moe": moe_config(moe),
+            "task": meta.get("task"),
+            "upcycled_from": str(src),
+        },
+        "hyper_parameters": hparams,
+    }
+    import io
+
+    buf = io.BytesIO()
+    torch.save(record, buf)
+    return atomic_write_bytes(out, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="diffperc upcycle", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", required=True, help="dense checkpoint (diffperc .ckpt, DiT .pt or .safetensors)")
+    parser.add_argument("--out", required=True, help="output checkpoint path")
+    parser.add_argument("--num_experts", type=int, default=8, help="experts E per block (default 8)")
+    parser.add_argument("--top_k", type=int, default=2, help="experts per token k (default 2)")
+    parser.add_argument("--balance_loss_coef", type=float, default=0.01)
+    parser.add_argument("--router_init_std", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
+    args = parser.parse_args(argv)
+    if not 1 <= args.top_k <= args.num_experts:
+        parser.error(f"--top_k must be in 1..--num_experts ({args.num_experts}), got {args.top_k}")
+    path = upcycle_checkpoint(
+        args.src, args.out, args.num_experts, args.top_k, args.balance_loss_coef, args.router_init_std, args.seed
+    )
+    print(
+        f"Wrote {path} ({args.num_experts} experts, top-{args.top_k}); fine-tune it with "
+        f"`diffperc fit ... --model.init_from {path} --model.upcycle.num_experts {args.num_experts} "
+        f"--model.upcycle.top_k {args.top_k}`"
+    )
+
+
+if __name__ == "__main__":
+    main()
