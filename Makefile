@@ -9,7 +9,7 @@ endif
 CONFIG ?= configs/quickstart/depth.yaml
 SWEEP ?= sweeps/tiny/model_size.yaml
 
-.PHONY: install test test-fast demo lint format bench models clean
+.PHONY: install test test-fast demo lint format bench models sweep reproduce-tiny clean
 
 $(PY):
 	python3 -m venv .venv
@@ -39,6 +39,15 @@ format:
 
 models:
 	$(PY) -m diffperc.models
+
+bench: install
+	$(PY) benchmarks/run_all.py --out benchmarks/results.md
+
+sweep: install
+	$(PY) -m diffperc sweep run $(SWEEP)
+
+reproduce-tiny: install
+	$(PY) -m diffperc.scaling.reproduce
 
 clean:
 	rm -rf runs

@@ -5,10 +5,14 @@ To run: ``diffperc fit --config configs/quickstart/depth.yaml`` (``--print_confi
 
 import importlib
 import sys
+from pathlib import Path
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+
+from diffperc.checkpoint_io import LOAD_ERRORS, AtomicCheckpointIO, check_ckpt_path, load_error
 
 
 class DiffpercCLI(LightningCLI):
@@ -28,12 +32,35 @@ class DiffpercCLI(LightningCLI):
             **kwargs,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # A missing --ckpt_path file fails here, before anything is written. LightningCLI would also overwrite the
+        # model's arguments with the checkpoint's saved hyper-parameters, silently undoing command-line choices such
+        # as --model.inference.num_steps at test time; diffperc runs always pass their config, so the command line
+        # wins and the checkpoint only provides weights and training state.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        check_ckpt_path(ckpt_path)
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:  # refuse a file weights-only loading rejects before the run directory is written
+                torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            except LOAD_ERRORS as err:
+                raise load_error(ckpt_path, err) from err
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # Crash-safe (temp file + rename), weights-only checkpoint files unless the config chose another CheckpointIO.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
 
 # Project subcommands that need no Trainer: name -> "module:function" taking the remaining argv.
 PROJECT_COMMANDS = {
     "models": "diffperc.models.__main__:main",
     "export": "diffperc.export:main",
     "upcycle": "diffperc.upcycling:main",
+    "sweep": "diffperc.scaling.sweep:main",
+    "laws": "diffperc.scaling.laws:main",
 }
 
 

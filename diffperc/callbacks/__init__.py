@@ -1,7 +1,9 @@
 """Callbacks that observe training and inference without changing the math."""
 
 from diffperc.callbacks.images import PredictionImageLogger
+from diffperc.callbacks.macs import MACsCounter
 from diffperc.callbacks.moe import ExpertLoadLogger
+from diffperc.callbacks.nonfinite import NonFiniteGuard
 from diffperc.callbacks.writer import PredictionWriter
 
-__all__ = ["ExpertLoadLogger", "PredictionImageLogger", "PredictionWriter"]
+__all__ = ["ExpertLoadLogger", "MACsCounter", "NonFiniteGuard", "PredictionImageLogger", "PredictionWriter"]

@@ -1,11 +1,14 @@
-"""Writes ``diffperc predict`` outputs: one set of files per input, named after the input."""
+"""Writes ``diffperc predict`` outputs: one set of files per input, named after the input; inputs that could not be
+read are skipped and listed in ``skipped.txt`` beside the outputs."""
 
 from pathlib import Path
 
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from diffperc.utils import atomic_write_bytes
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -19,6 +22,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.written: list[Path] = []
+        self.skipped: list[str] = []  # one "name: reason" line per input that could not be read
 
     def _dir(self, trainer: Trainer) -> Path:
         return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
@@ -36,7 +40,12 @@ class PredictionWriter(BasePredictionWriter):
         out_dir = self._dir(trainer)
         pred, unc = prediction["pred"], prediction["uncertainty"]
         names = batch.get("name") or [f"{batch_idx:06d}_{i}" for i in range(pred.shape[0])]
+        errors = batch.get("error") or [""] * len(names)
         for i, name in enumerate(names):
+            if errors[i]:  # an unreadable input (ImageFolder's placeholder): report it, write nothing for it
+                self.skipped.append(f"{name}: {errors[i]}")
+                rank_zero_warn(errors[i])
+                continue
             p = pred[i : i + 1]
             u = unc[i : i + 1] if unc is not None else None
             if "orig_size" in batch:  # undo padding, then resizing, to the input's original size
@@ -50,3 +59,6 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.written:
             rank_zero_info(f"Wrote {len(self.written)} files to {self._dir(trainer)}")
+        if self.skipped:
+            report = atomic_write_bytes(self._dir(trainer) / "skipped.txt", ("\n".join(self.skipped) + "\n").encode())
+            rank_zero_warn(f"Skipped {len(self.skipped)} unreadable input(s), listed in {report}")

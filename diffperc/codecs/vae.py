@@ -2,11 +2,15 @@
 paper's recipes). It never downloads: point ``path`` at a local copy of the VAE (a folder with ``config.json`` and
 weights, or a pipeline folder with ``subfolder: vae``)."""
 
+import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from diffperc.codecs.base import Codec
+
+_VAE_CLASS = "AutoencoderKL"
 
 
 class VAECodec(Codec):
@@ -21,30 +25,38 @@ class VAECodec(Codec):
         max_batch: Images per encode/decode call.
     """
 
-    def __init__(
-        self,
-        path: str,
-        subfolder: str | None = None,
-        scaling_factor: float = 0.18215,
-        sample_posterior: bool = False,
-        half_precision: bool = False,
-        max_batch: int = 16,
-    ):
+    def __init__(self, path: str, subfolder: str | None = None, scaling_factor: float = 0.18215,
+                 sample_posterior: bool = False, half_precision: bool = False, max_batch: int = 16):
         super().__init__()
         from diffusers import AutoencoderKL
 
+        if max_batch < 1:
+            raise ValueError(f"`--model.codec.max_batch` must be >= 1, got {max_batch}")
         folder = Path(path) / (subfolder or "")
         if not folder.is_dir():
-            raise FileNotFoundError(
-                f"VAE folder not found: {folder} (`--model.codec.path`). diffperc never downloads "
-                "weights: save the VAE locally (e.g. AutoencoderKL.save_pretrained) and point here."
-            )
-        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"VAE folder not found: {folder} (`--model.codec.path`). diffperc never downloads "
+                                    "weights: save the VAE locally (AutoencoderKL.save_pretrained) and point here.")
+        config_file = folder / "config.json"
+        if not config_file.is_file():
             raise ValueError(f"{folder} is not a diffusers VAE folder: it has no config.json (`--model.codec.path`)")
         try:
-            self.vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
+            class_name = json.loads(config_file.read_text()).get("_class_name", _VAE_CLASS)
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"{config_file} is not a valid diffusers config (`--model.codec.path`): {err}") from err
+        # diffusers would otherwise build a randomly initialised VAE from another model's folder (a UNet's, say),
+        # with only a warning about unused weights.
+        if class_name != _VAE_CLASS:
+            hint = " (a pipeline folder? set `--model.codec.subfolder vae`)" if (folder / "vae").is_dir() else ""
+            raise ValueError(f"{folder} holds a {class_name}, not an {_VAE_CLASS} (`--model.codec.path`){hint}")
+        try:
+            self.vae, info = AutoencoderKL.from_pretrained(
+                str(path), subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False,
+                output_loading_info=True)
         except Exception as err:  # diffusers raises several types for a wrong folder
             raise ValueError(f"Could not load an AutoencoderKL from {folder}: {err}") from err
+        if info["missing_keys"] or info["mismatched_keys"]:
+            raise ValueError(f"{folder}: the weights do not fit its config.json (missing "
+                             f"{info['missing_keys'][:5]}, mismatched {info['mismatched_keys'][:5]})")
         self.vae.requires_grad_(False).eval()
         self.scaling_factor = scaling_factor
         self.sample_posterior = sample_posterior
@@ -59,23 +71,32 @@ class VAECodec(Codec):
         return self
 
     def _dtype(self, device: torch.device) -> torch.dtype:
-        return torch.float16 if self.half_precision and device.type == "cuda" else torch.float32
+        dtype = torch.float16 if self.half_precision and device.type == "cuda" else torch.float32
+        if self.vae.dtype != dtype:  # cast once, not per call (diffusers warns on every cast)
+            self.vae.to(dtype)
+        return dtype
+
+    def _no_autocast(self, device: torch.device):
+        # The SD VAEs overflow in low precision (diffusers marks them `force_upcast`): run them in the dtype chosen
+        # here, not in the trainer's bf16/fp16 autocast.
+        return torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext()
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] -> scaled latents (N, latent_channels, H / f, W / f), float32."""
         dtype = self._dtype(images.device)
-        self.vae.to(dtype)
         out = []
-        for chunk in images.split(self.max_batch):
-            dist = self.vae.encode(chunk.to(dtype)).latent_dist
-            out.append(dist.sample() if self.sample_posterior else dist.mode())
+        with self._no_autocast(images.device):
+            for chunk in images.split(self.max_batch):
+                dist = self.vae.encode(chunk.to(dtype)).latent_dist
+                out.append(dist.sample() if self.sample_posterior else dist.mode())
         return torch.cat(out).float() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N, latent_channels, h, w) -> images (N, 3, h * f, w * f) in [-1, 1], float32."""
         dtype = self._dtype(latents.device)
-        self.vae.to(dtype)
-        out = [
-            self.vae.decode((chunk / self.scaling_factor).to(dtype)).sample for chunk in latents.split(self.max_batch)
-        ]
+        with self._no_autocast(latents.device):
+            out = [self.vae.decode((chunk.float() / self.scaling_factor).to(dtype)).sample
+                   for chunk in latents.split(self.max_batch)]
         return torch.cat(out).float().clamp(-1, 1)

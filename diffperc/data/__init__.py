@@ -9,8 +9,14 @@ from diffperc.data.depth_eval import (
     NYUv2Dataset,
     ScanNetDataset,
 )
+from diffperc.data.imagenet import ImageNetFolder
 from diffperc.data.images import ImageFolder
+from diffperc.data.latents import LatentCache
+from diffperc.data.mixture import MixtureDataset, MultiTaskDataModule
 from diffperc.data.procedural import ProceduralDepth
+from diffperc.data.procedural_amodal import ProceduralAmodal
+from diffperc.data.procedural_classes import ProceduralClasses
+from diffperc.data.procedural_flow import ProceduralFlow
 from diffperc.data.real import FlyingChairsDataset, HypersimDataset, Pix2GestaltDataset
 
 __all__ = [
@@ -20,10 +26,17 @@ __all__ = [
     "FlyingChairsDataset",
     "HypersimDataset",
     "ImageFolder",
+    "ImageNetFolder",
     "KITTIDataset",
+    "LatentCache",
+    "MixtureDataset",
+    "MultiTaskDataModule",
     "NYUv2Dataset",
     "PerceptionDataModule",
     "Pix2GestaltDataset",
+    "ProceduralAmodal",
+    "ProceduralClasses",
     "ProceduralDepth",
+    "ProceduralFlow",
     "ScanNetDataset",
 ]

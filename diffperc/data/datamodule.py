@@ -1,10 +1,13 @@
-"""The LightningDataModule wiring data sets (procedural or real readers) to loaders."""
+"""The LightningDataModule wiring data sets (procedural or real readers) to loaders; the training loader is
+resumable (``diffperc.data.sampler``), so ``--ckpt_path last`` continues the exact data order."""
 
-import torch
+from pathlib import Path
+
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from diffperc.data.images import ImageFolder
+from diffperc.data.sampler import ResumableDataLoader, ResumableSampler, data_parallel_layout
 
 
 class PerceptionDataModule(LightningDataModule):
@@ -21,7 +24,7 @@ class PerceptionDataModule(LightningDataModule):
         eval_batch_size: Validation/test batch size (default: ``batch_size``).
         num_workers: Loader worker processes (samples are generated from their index, so workers need no seeding).
         pin_memory: Pin host memory for faster copies to a GPU.
-        seed: Seed of the training shuffle order.
+        seed: Seed of the training shuffle order (epoch e uses seed + e; the same order for any number of processes).
     """
 
     def __init__(
@@ -43,6 +46,12 @@ class PerceptionDataModule(LightningDataModule):
             raise ValueError(f"`--data.batch_size` must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"`--data.num_workers` must be >= 0, got {num_workers}")
+        for key, value in (("eval_batch_size", eval_batch_size or 1), ("predict_resolution", predict_resolution),
+                           ("predict_multiple", predict_multiple)):
+            if value < 1:
+                raise ValueError(f"`--data.{key}` must be >= 1, got {value}")
+        if images is not None and not Path(images).is_dir():  # fail before a run directory is created
+            raise FileNotFoundError(f"`--data.images` folder not found: {images}")
         self.train_set, self.val_set, self.test_set = train, val, test
         self.images, self.predict_resolution, self.predict_multiple = images, predict_resolution, predict_multiple
         self.batch_size = batch_size
@@ -52,17 +61,18 @@ class PerceptionDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, name: str, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise ValueError(f"No {name} data set configured: set `--data.{name}` (a class_path with init_args)")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            drop_last=shuffle,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+        # Training: seeded shuffle sharded over the data-parallel ranks, resumable mid-epoch.
+        rank, world = data_parallel_layout(self.trainer)
+        if len(dataset) < world * batch_size:
+            raise ValueError(
+                f"The {name} data set has {len(dataset)} samples, fewer than one global batch of {world} processes x "
+                f"`--data.batch_size` {batch_size}"
+            )
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=self.seed, shuffle=True)
+        return ResumableDataLoader(dataset, sampler, batch_size, drop_last=True, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, "train", self.batch_size, shuffle=True)

@@ -1,5 +1,6 @@
 """A folder of user images for ``diffperc predict``: resized to the processing resolution and padded, with the
-sizes needed to undo both recorded in each sample."""
+sizes needed to undo both recorded in each sample. An unreadable file becomes a placeholder sample carrying its
+``error``, so one bad file is reported and skipped by the writer instead of ending the whole run."""
 
 from pathlib import Path
 
@@ -37,9 +38,14 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path = self.files[index]
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"Cannot read image {path} (unreadable or not an image)")
+        try:
+            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        except cv2.error as err:  # some decoders raise instead of returning None
+            bgr, reason = None, str(err).strip().splitlines()[-1]
+        else:
+            reason = "unreadable or not an image"
+        if bgr is None or bgr.size == 0:
+            return self._placeholder(path, f"Cannot read image {path} ({reason}); skipped")
         h0, w0 = bgr.shape[:2]
         scale = self.resolution / max(h0, w0)
         h, w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
@@ -52,4 +58,16 @@ class ImageFolder(Dataset):
             "name": path.stem,
             "orig_size": torch.tensor([h0, w0]),
             "resized_size": torch.tensor([h, w]),
+            "error": "",
+        }
+
+    def _placeholder(self, path: Path, error: str) -> dict:
+        # A grey square of the processing size: it batches like any image; the writer drops its prediction.
+        side = self.resolution + (-self.resolution % self.multiple)
+        return {
+            "image": torch.zeros(3, side, side),
+            "name": path.stem,
+            "orig_size": torch.tensor([side, side]),
+            "resized_size": torch.tensor([side, side]),
+            "error": error,
         }

@@ -1,6 +1,7 @@
 """LightningModules: the training recipes (timestep sampling, noising, loss) around injected networks."""
 
-from diffperc.lit.finetuning import Backbone, PerceptionFinetuning
+from diffperc.lit.finetuning import Backbone, PerceptionFinetuning, Upcycle
+from diffperc.lit.pretraining import DiffusionPretraining
 from diffperc.lit.schedules import ExponentialDecayLR
 
-__all__ = ["Backbone", "ExponentialDecayLR", "PerceptionFinetuning"]
+__all__ = ["Backbone", "DiffusionPretraining", "ExponentialDecayLR", "PerceptionFinetuning", "Upcycle"]

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 
 from diffperc.codecs import Codec, PixelCodec
+from diffperc.data.sampler import data_parallel_layout
 from diffperc.diffusion import (
     DiffusionSettings,
     InferenceSettings,
@@ -22,9 +23,18 @@ from diffperc.diffusion import (
     sample_ensemble,
     training_target,
 )
-from diffperc.models import build_model, moe_aux_loss, moe_config, widen_input_projection
+from diffperc.lit.parallel import draw_noise_and_timesteps
+from diffperc.models import (
+    build_model,
+    load_pretrained,
+    moe_aux_loss,
+    moe_config,
+    read_network_state,
+    widen_input_projection,
+)
 from diffperc.models import upcycle as upcycle_dense
 from diffperc.models.moe import to_moe
+from diffperc.models.router import PatchEmbedRouter
 from diffperc.tasks import Task
 from diffperc.utils import atomic_write_json
 
@@ -84,12 +94,21 @@ class PerceptionFinetuning(LightningModule):
     """Fine-tunes a DiT to denoise a task's target latent given its condition latents.
 
     Args:
-        task: The perception task (conditioning, target coding, metrics), e.g. ``diffperc.tasks.DepthTask``.
+        task: The perception task (conditioning, target coding, metrics), e.g. ``diffperc.tasks.DepthTask``; or a
+            list of tasks for one generalist model (task id = list index): each task gets its own input projection
+            (``PatchEmbedRouter``) and label row, training batches may mix tasks (``{task name: batch}``), and
+            validation/test take one dataloader per task in the same order.
         codec: Images <-> latents; ``PixelCodec`` (default) or ``VAECodec``.
         backbone: The DiT preset and overrides.
         image_size: Training image side in pixels (sets the DiT's stored position-embedding grid).
         init_from: Pretrained weights (DiT ``.pt``, diffperc checkpoint or ``.safetensors``); None = from scratch.
         upcycle: Upcycle the (loaded) dense network into a mixture of experts before training; None = keep it.
+        predict_task: Which task ``predict`` (and image logging) runs for a multi-task model (default: the first).
+        activation_checkpointing: Recompute each DiT block's activations in backward (less memory, ~1/3 more compute).
+        noise_seed: Seed of the training noise and timesteps, drawn per batch from (noise_seed, batch counter) for
+            this process's rows of the global batch, so resumed and re-sharded runs draw the same noise.
+        nonfinite: On a non-finite loss: ``raise`` (stop, naming the step and batch) or ``skip`` (drop the update and
+            count it in ``train/skipped_batches``).
         optimizer: Optimizer factory (AdamW in the paper's recipes).
         lr_scheduler: LR schedule factory, stepped every optimisation step (exponential decay in the recipes).
         diffusion: Training noise schedule and prediction type.
@@ -99,7 +118,7 @@ class PerceptionFinetuning(LightningModule):
 
     def __init__(
         self,
-        task: Task,
+        task: Task | list[Task],
         codec: Codec | None = None,
         backbone: Backbone | None = None,
         image_size: int = 32,
@@ -110,13 +129,24 @@ class PerceptionFinetuning(LightningModule):
         inference: InferenceSettings | None = None,
         num_images_logged: int = 4,
         upcycle: Upcycle | None = None,
+        predict_task: str | None = None,
+        activation_checkpointing: bool = False,
+        noise_seed: int = 0,
+        nonfinite: str = "raise",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["task", "codec", "optimizer", "lr_scheduler"])
         for key, value in list(self.hparams.items()):  # plain values only, so weights_only loading accepts them
             if is_dataclass(value):
                 self.hparams[key] = asdict(value)
-        self.task = task
+        self.tasks: list[Task] = list(task) if isinstance(task, (list, tuple)) else [task]
+        names = [t.name for t in self.tasks]
+        if not self.tasks or len(set(names)) != len(names):
+            raise ValueError(f"`--model.task` must hold one or more tasks with distinct names, got {names}")
+        self.task_index = {name: i for i, name in enumerate(names)}
+        if predict_task is not None and predict_task not in self.task_index:
+            raise ValueError(f"`--model.predict_task` {predict_task!r} is not one of the model's tasks {names}")
+        self.task = self.tasks[self.task_index[predict_task] if predict_task else 0]  # the task predict runs
         self.codec = codec if codec is not None else PixelCodec()
         self.backbone = _as(Backbone, backbone) or Backbone()
         self.diffusion = _as(DiffusionSettings, diffusion) or DiffusionSettings()
@@ -124,14 +154,16 @@ class PerceptionFinetuning(LightningModule):
         self.upcycle = _as(Upcycle, upcycle)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.num_images_logged = num_images_logged
+        self.activation_checkpointing, self.noise_seed, self.nonfinite = activation_checkpointing, noise_seed, nonfinite
         if image_size % self.codec.downsample:
             raise ValueError(
                 f"`--model.image_size`={image_size} must be a multiple of the codec's downsample factor "
                 f"{self.codec.downsample}"
             )
 
-        # 1. Build the DiT for one latent and widen its input for k conditions: the widening rule keeps the response
-        #    of an all-RGB input, and load_pretrained applies the same rule to a one-latent checkpoint.
+        # 1. Build the DiT for one latent. One task: widen its input for [k condition latents, noisy target] (the
+        #    widening rule keeps the response of an all-RGB input; load_pretrained applies the same rule to a
+        #    one-latent checkpoint). Several tasks: one widened projection per task (PatchEmbedRouter).
         c = self.codec.latent_channels
         b = self.backbone
         self.net = build_model(
@@ -143,35 +175,39 @@ class PerceptionFinetuning(LightningModule):
             depth=b.depth,
             num_heads=b.num_heads,
             learn_sigma=b.learn_sigma,
-            num_classes=1,
+            num_classes=len(self.tasks),  # label rows = task ids; no class label at fine-tuning time
             class_dropout_prob=0.0,
         )
-        widen_input_projection(self.net, task.num_conditions + 1)
         self.latent_channels = c
+        multi = len(self.tasks) > 1
+        source = read_network_state(init_from) if init_from else {}
+        if not multi:
+            widen_input_projection(self.net, self.task.num_conditions + 1)
+        elif not source or any(k.startswith("x_embedder.routes.") for k in source):
+            self._route_inputs()
         # 2. Pretrained weights, then upcycling. A checkpoint that is already a mixture of experts (from
         #    `diffperc upcycle` or an upcycled run) is loaded into the MoE layout instead.
         u = self.upcycle
-        moe = (
-            dict(
-                num_experts=u.num_experts,
-                experts_per_token=u.top_k,
-                balance_loss_coef=u.balance_loss_coef,
-                capacity_factor=u.capacity_factor,
-            )
-            if u
-            else None
-        )
         if init_from:
-            from diffperc.models.pretrained import load_pretrained, read_network_state
-
-            if any(".mlp.experts." in k for k in read_network_state(init_from)):
+            if any(".mlp.experts." in k for k in source):
                 if u is None:
                     raise ValueError(
                         f"`--model.init_from` {init_from} is a mixture of experts: set "
                         "`--model.upcycle.num_experts` and `--model.upcycle.top_k` to match it"
                     )
-                to_moe(self.net, moe)
+                to_moe(
+                    self.net,
+                    dict(
+                        num_experts=u.num_experts,
+                        experts_per_token=u.top_k,
+                        balance_loss_coef=u.balance_loss_coef,
+                        capacity_factor=u.capacity_factor,
+                    ),
+                )
             load_pretrained(self.net, init_from)
+            del source
+        if multi and not hasattr(self.net.x_embedder, "routes"):
+            self._route_inputs()  # routes initialised from the loaded one-latent projection
         if u and moe_config(self.net) is None:
             self.net = upcycle_dense(
                 self.net, u.num_experts, u.top_k, u.capacity_factor, u.balance_loss_coef, u.router_init_std
@@ -181,36 +217,86 @@ class PerceptionFinetuning(LightningModule):
         self.noise_scheduler = make_train_scheduler(self.diffusion)
         clip = self.inference.clip_sample if self.inference.clip_sample is not None else self.codec.clip_sample
         self.sampler = make_sampler(self.noise_scheduler, self.inference.timestep_spacing, clip)
-        self.val_metrics = task.metrics()
-        self.test_metrics = task.metrics()
-        self.baseline_metrics = task.metrics()
+        self.val_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
+        self.test_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
+        self.baseline_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
         self.val_visuals: torch.Tensor | None = None
+        self._test_image_shapes: dict[str, tuple[int, int, int]] = {}
+
+    def _route_inputs(self) -> None:
+        self.net.x_embedder = PatchEmbedRouter.from_patch_embed(
+            self.net.x_embedder, [t.num_conditions + 1 for t in self.tasks]
+        )
 
     # ------------------------------------------------------------------ training
-    def _task_ids(self, batch: dict) -> torch.Tensor:
-        n = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
-        return torch.zeros(n, dtype=torch.long, device=self.device)
+    def _groups(self, batch: dict) -> list[tuple[int, dict]]:
+        """(task id, single-task batch) pairs: a mixed batch is ``{task name: batch}``, anything else is one task's."""
+        if batch and all(isinstance(v, dict) for v in batch.values()):
+            unknown = set(batch) - set(self.task_index)
+            if unknown:
+                raise ValueError(
+                    f"Batch holds tasks {sorted(unknown)} the model was not built for: {list(self.task_index)}"
+                )
+            return [(self.task_index[name], sub) for name, sub in batch.items()]
+        return [(self.tasks.index(self.task), batch)]
 
-    def encode_conditions(self, batch: dict) -> torch.Tensor:
+    def _task_ids(self, batch: dict, task_id: int = 0) -> torch.Tensor:
+        n = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+        return torch.full((n,), task_id, dtype=torch.long, device=self.device)
+
+    def encode_conditions(self, batch: dict, task: Task | None = None) -> torch.Tensor:
         """Condition latents (N, k * C, h, w), encoded once per batch."""
-        return torch.cat([self.codec.encode(img) for img in self.task.conditions(batch)], dim=1)
+        return torch.cat([self.codec.encode(img) for img in (task or self.task).conditions(batch)], dim=1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        cond = self.encode_conditions(batch)
-        x0 = self.codec.encode(self.task.encode_target(batch))
-        # 1. Noise only the target latent at uniformly sampled timesteps (paper eq. 1).
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        xt = self.noise_scheduler.add_noise(x0, noise, t)
-        # 2. Predict from [condition latents, noisy target] and regress the configured target (paper eq. 2).
-        out = self.net(torch.cat([cond, xt], dim=1), t, self._task_ids(batch))[:, : self.latent_channels]
-        loss = F.mse_loss(out.float(), training_target(self.noise_scheduler, x0, noise, t).float())
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        groups = self._groups(batch)
+        width = max((self.tasks[i].num_conditions + 1) * self.latent_channels for i, _ in groups)
+        rank, world = data_parallel_layout(self._trainer) if self._trainer is not None else (0, 1)
+        step = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
+        inputs, targets, timesteps, task_ids = [], [], [], []
+        for i, sub in groups:
+            task = self.tasks[i]
+            cond = self.encode_conditions(sub, task)
+            x0 = self.codec.encode(task.encode_target(sub))
+            # 1. Noise only the target latent at uniformly sampled timesteps (paper eq. 1).
+            # Noise and timesteps from (seed, batch counter, task): independent of the global RNG, exact on resume.
+            noise, t = draw_noise_and_timesteps(
+                x0, self.noise_scheduler.config.num_train_timesteps, self.noise_seed + 7919 * i, step, rank, world
+            )
+            x = torch.cat([cond, self.noise_scheduler.add_noise(x0, noise, t)], dim=1)  # [conditions, noisy target]
+            inputs.append(F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1])))  # zero channels up to the widest task
+            targets.append(training_target(self.noise_scheduler, x0, noise, t))
+            timesteps.append(t)
+            task_ids.append(self._task_ids(sub, i))
+        # 2. One network call for the whole (possibly mixed) batch; regress the configured target (paper eq. 2).
+        out = self.net(torch.cat(inputs), torch.cat(timesteps), torch.cat(task_ids))[:, : self.latent_channels]
+        target = torch.cat(targets)
+        n = out.shape[0]
+        loss = F.mse_loss(out.float(), target.float())
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if len(self.tasks) > 1:
+            start = 0
+            for (i, _), t in zip(groups, timesteps):
+                part = slice(start, start + t.shape[0])
+                start += t.shape[0]
+                task_loss = F.mse_loss(out[part].float(), target[part].float())
+                self.log(f"train/{self.tasks[i].name}/loss", task_loss, batch_size=t.shape[0])
         if self.is_moe:
             aux = moe_aux_loss(self.net)  # the balance loss of this forward, already scaled by its coefficient
-            self.log("train/moe_aux_loss", aux, batch_size=x0.shape[0])
+            self.log("train/moe_aux_loss", aux, batch_size=n)
             loss = loss + aux
         return loss
+
+    def configure_model(self) -> None:
+        # FSDP2 under ModelParallelStrategy: shard each DiT block, then the root (idempotent: Lightning may call twice).
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from diffperc.lit.parallel import apply_fsdp2, checkpoint_blocks
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            apply_fsdp2(self.net, self.device_mesh, activation_checkpointing=self.activation_checkpointing)
+        elif self.activation_checkpointing:
+            checkpoint_blocks(self.net)
 
     @property
     def is_moe(self) -> bool:
@@ -218,7 +304,13 @@ class PerceptionFinetuning(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What rebuilds the network without the config (used by `diffperc export` and `load_pretrained` users).
-        checkpoint["diffperc"] = {"dit_config": self.net.config, "moe": moe_config(self.net), "task": self.task.name}
+        checkpoint["diffperc"] = {
+            "dit_config": self.net.config,
+            "moe": moe_config(self.net),
+            "task": self.task.name,
+            "tasks": [t.name for t in self.tasks],
+            "task_routes": getattr(self.net.x_embedder, "in_channels", None),
+        }
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -229,69 +321,82 @@ class PerceptionFinetuning(LightningModule):
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict_batch(self, batch: dict, settings: InferenceSettings | None = None):
-        """Samples, decodes and merges an ensemble: returns (prediction, uncertainty or None)."""
+    def predict_batch(self, batch: dict, settings: InferenceSettings | None = None, task_id: int | None = None):
+        """Samples, decodes and merges an ensemble for one task's batch: returns (prediction, uncertainty or None)."""
         settings = settings or self.inference
-        cond = self.encode_conditions(batch)
-        latents = sample_ensemble(self.net, cond, self._task_ids(batch), self.sampler, settings, self.latent_channels)
+        task_id = self.tasks.index(self.task) if task_id is None else task_id
+        task = self.tasks[task_id]
+        cond = self.encode_conditions(batch, task)
+        y = self._task_ids(batch, task_id)
+        latents = sample_ensemble(self.net, cond, y, self.sampler, settings, self.latent_channels)
         n, b = latents.shape[:2]
         images = self.codec.decode(latents.flatten(0, 1)).clamp(-1, 1)
-        preds = self.task.decode(images, batch)
+        preds = task.decode(images, batch)
         preds = preds.view(n, b, *preds.shape[1:])  # (N, B, C, H, W)
         if n == 1:
             return preds[0], None
-        return ensemble(preds, settings.reducer or self.task.reducer)
+        return ensemble(preds, settings.reducer or task.reducer)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        pred, _ = self.predict_batch(batch)
-        self.task.update_metrics(self.val_metrics, pred, batch)
-        if batch_idx == 0 and self.num_images_logged > 0:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self.tasks[dataloader_idx]  # one validation loader per task, in task order
+        pred, _ = self.predict_batch(batch, task_id=dataloader_idx)
+        task.update_metrics(self.val_metrics[task.name], pred, batch)
+        if batch_idx == 0 and dataloader_idx == 0 and self.num_images_logged > 0:
             k = self.num_images_logged
-            self.val_visuals = self.task.visualize(pred[:k], {key: v[:k] for key, v in batch.items()})
+            self.val_visuals = task.visualize(pred[:k], {key: v[:k] for key, v in batch.items()})
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        for task in self.tasks:
+            self._log_metrics(self.val_metrics[task.name], "val", task.name)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        task = self.tasks[dataloader_idx]
         if batch_idx == 0:
-            self._test_image_shape = tuple(self.task.conditions(batch)[0].shape[1:])
-        pred, _ = self.predict_batch(batch)
-        self.task.update_metrics(self.test_metrics, pred, batch)
-        baseline = self.task.baseline(batch)
+            self._test_image_shapes[task.name] = tuple(task.conditions(batch)[0].shape[1:])
+        pred, _ = self.predict_batch(batch, task_id=dataloader_idx)
+        task.update_metrics(self.test_metrics[task.name], pred, batch)
+        baseline = task.baseline(batch)
         if baseline is not None:
-            self.task.update_metrics(self.baseline_metrics, baseline, batch)
+            task.update_metrics(self.baseline_metrics[task.name], baseline, batch)
 
     def on_test_epoch_end(self) -> None:
-        results = self._log_metrics(self.test_metrics, "test")
-        results.update({f"baseline/{k}": v for k, v in self._compute(self.baseline_metrics).items()})
+        # One task: flat keys (`abs_rel`, `baseline/abs_rel`); several: prefixed by the task (`depth/abs_rel`,
+        # `baseline/depth/abs_rel`, `depth/compute/test_macs_per_sample`).
+        multi = len(self.tasks) > 1
+        record: dict = {"task": self.task.name if not multi else [t.name for t in self.tasks]}
+        for task in self.tasks:
+            prefix = f"{task.name}/" if multi else ""
+            values = self._log_metrics(self.test_metrics[task.name], "test", task.name)
+            record.update({prefix + k: v for k, v in values.items()})
+            baseline = self._compute(self.baseline_metrics[task.name])
+            record.update({f"baseline/{prefix}{k}": v for k, v in baseline.items()})
+            if task.name in self._test_image_shapes:
+                macs = self.test_macs_per_sample(self._test_image_shapes[task.name], task)
+                record[f"{prefix}compute/test_macs_per_sample"] = macs
+        record["inference"] = asdict(self.inference)
         if self.trainer.is_global_zero:
             log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            record = {"task": self.task.name, **results, "inference": asdict(self.inference)}
-            if getattr(self, "_test_image_shape", None):
-                record["compute/test_macs_per_sample"] = self.test_macs_per_sample(self._test_image_shape)
             atomic_write_json(log_dir / "test_metrics.json", record)
-            self.test_results = record
+        self.test_results = record
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         pred, uncertainty = self.predict_batch(batch)
         return {"pred": pred, "uncertainty": uncertainty, "batch": batch}
 
-    def test_macs_per_sample(self, image_shape: tuple[int, int, int]) -> int:
+    def test_macs_per_sample(self, image_shape: tuple[int, int, int], task: Task | None = None) -> int:
         """Inference MACs for one input of ``image_shape`` (C, H, W): N members x steps x one network forward, plus
         encoding the conditions once and decoding the N predicted latents (zero for the pixel codec)."""
         from diffperc.compute import count_macs
 
-        settings = self.inference
+        settings, task = self.inference, task or self.task
         x = torch.zeros(1, *image_shape, device=self.device)
         latent = self.codec.encode(x)
-        net_in = torch.zeros(1, latent.shape[1] * (self.task.num_conditions + 1), *latent.shape[2:], device=self.device)
-        t, y = (
-            torch.zeros(1, dtype=torch.long, device=self.device),
-            torch.zeros(1, dtype=torch.long, device=self.device),
-        )
+        net_in = torch.zeros(1, latent.shape[1] * (task.num_conditions + 1), *latent.shape[2:], device=self.device)
+        t = torch.zeros(1, dtype=torch.long, device=self.device)
+        y = torch.full((1,), self.tasks.index(task), dtype=torch.long, device=self.device)
         forward = count_macs(self.net, net_in, t, y)
         codec = _CodecMACs(self.codec)
-        encode = count_macs(codec, x, mode="encode") * self.task.num_conditions
+        encode = count_macs(codec, x, mode="encode") * task.num_conditions
         decode = count_macs(codec, latent, mode="decode") * settings.ensemble_size
         return int(settings.ensemble_size * settings.num_steps * forward + encode + decode)
 
@@ -305,16 +410,34 @@ class PerceptionFinetuning(LightningModule):
         metrics.reset()
         return values
 
-    def _log_metrics(self, metrics: MetricCollection, stage: str) -> dict[str, float]:
+    def _log_metrics(self, metrics: MetricCollection, stage: str, task_name: str) -> dict[str, float]:
         values = self._compute(metrics)
         for key, value in values.items():
-            self.log(f"{stage}/{self.task.name}/{key}", value)  # torchmetrics already synced across processes
+            self.log(f"{stage}/{task_name}/{key}", value)  # torchmetrics already synced across processes
         return values
 
     def configure_callbacks(self):
-        from diffperc.callbacks import ExpertLoadLogger, PredictionImageLogger, PredictionWriter
+        from diffperc.callbacks import (
+            ExpertLoadLogger,
+            MACsCounter,
+            NonFiniteGuard,
+            PredictionImageLogger,
+            PredictionWriter,
+        )
+        from diffperc.checkpoint_io import RNGStateCheckpoint
 
-        return [PredictionImageLogger(), PredictionWriter(), *([ExpertLoadLogger()] if self.is_moe else [])]
+        extra = [ExpertLoadLogger()] if self.is_moe else []
+        callbacks = [
+            PredictionImageLogger(),
+            PredictionWriter(),
+            MACsCounter(),
+            NonFiniteGuard(self.nonfinite),
+            RNGStateCheckpoint(),
+            *extra,
+        ]
+        # Lightning replaces a trainer callback by a model callback of the same type: keep the user's own ones.
+        present = {type(cb) for cb in self.trainer.callbacks} if self._trainer is not None else set()
+        return [cb for cb in callbacks if type(cb) not in present]
 
 
 class _CodecMACs(torch.nn.Module):

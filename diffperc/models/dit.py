@@ -228,7 +228,9 @@ class DiT(nn.Module):
         return dict(
             input_size=self.input_size,
             patch_size=self.patch_size,
-            in_channels=self.x_embedder.proj.in_channels,
+            in_channels=max(self.x_embedder.in_channels)
+            if hasattr(self.x_embedder, "routes")
+            else self.x_embedder.proj.in_channels,
             hidden_size=self.hidden_size,
             depth=len(self.blocks),
             num_heads=self.num_heads,
@@ -285,7 +287,9 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Predicts noise (and sigma) for latents ``x`` (N, C, H, W) at timesteps ``t`` (N,) with labels ``y`` (N,)."""
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        x = self.x_embedder(x) + self._pos_embed_for(h, w, x)  # (N, T, D), where T = H * W / patch_size ** 2
+        # A task router (models/router.py) embeds each sample with its task's projection; y holds the task ids.
+        tokens = self.x_embedder(x, y) if getattr(self.x_embedder, "routes", None) is not None else self.x_embedder(x)
+        x = tokens + self._pos_embed_for(h, w, x)  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)

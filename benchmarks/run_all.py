@@ -1,0 +1,147 @@
+"""Runs every benchmark and writes benchmarks/results.md: machine, medians, ratios and a goals table.
+
+To run: python benchmarks/run_all.py [--quick] [--out benchmarks/results.md] [--only a,c] (``make bench``)
+Sections: (a) DiT training step, (b) MoE dispatch (bench_moe.py in a subprocess), (c) batched ensembles,
+(d) procedural data, (e) quickstart end to end, (f) GPU DiT-XL/2 (only with CUDA). Full mode: < 10 min on 2 cores.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see OMP_NOTE in common.py
+
+import bench_data  # noqa: E402
+import bench_ensemble  # noqa: E402
+import bench_gpu  # noqa: E402
+import bench_quickstart  # noqa: E402
+import bench_train_step  # noqa: E402
+from common import OMP_NOTE, Goal, Section, goals_table, machine_info, md_table, setup_threads, write_markdown  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TITLES = {
+    "a": "(a) DiT training step",
+    "b": "(b) MoE dispatch",
+    "c": "(c) Batched ensembles",
+    "d": "(d) Procedural data generators",
+    "e": "(e) Quickstart end to end",
+    "f": "(f) GPU: DiT-XL/2 512 px bf16",
+}
+_BUDGET_S = 600
+
+
+def run_moe(quick: bool) -> Section:
+    """bench_moe.py in a subprocess (it sets its own threads); its ratio lines become goals."""
+    args = ["--repeats", "2", "--warmup", "1", "--batch", "2"] if quick else []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "moe.md"
+        done = subprocess.run(
+            [sys.executable, str(HERE / "bench_moe.py"), "--out", str(out), *args], capture_output=True, text=True
+        )
+        if done.returncode:
+            raise RuntimeError(f"bench_moe.py exited with {done.returncode}: {done.stderr[-2000:]}")
+        text = out.read_text()
+    goals = []
+    for label, pattern, target, ok in (
+        ("(b) MoE dispatch: naive masked loop / ours", r"naive / ours = ([\d.]+)x", ">= 2x", lambda v: v >= 2.0),
+        ("(b) MoE: ours / dense with the same active MACs", r"ours / dense = ([\d.]+)x", "<= 1.3x", lambda v: v <= 1.3),
+    ):
+        match = re.search(pattern, text)
+        value = float(match.group(1)) if match else None
+        goals.append(Goal(label, f"{value:.2f}x" if match else "not found", target, ok(value) if match else None))
+    prefix = "QUICK MODE (batch 2, 2 rounds): a smoke test, not results. " if quick else ""
+    return Section(TITLES["b"], f"{prefix}`python benchmarks/bench_moe.py {' '.join(args)}`:\n\n{text}", goals)
+
+
+def _runners(args: argparse.Namespace) -> dict:
+    quick = args.quick
+    return {
+        "a": lambda: bench_train_step.run(quick, "none" if quick else args.compile),
+        "b": lambda: run_moe(quick),
+        "c": lambda: bench_ensemble.run(quick),
+        "d": lambda: bench_data.run(quick),
+        "e": lambda: bench_quickstart.run(quick, args.fit_steps),
+        "f": lambda: bench_gpu.run(quick),
+    }
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Tiny shapes and repeats: checks the suite in < 1 min")
+    parser.add_argument("--out", default=str(HERE / "results.md"), help="Markdown file to write")
+    parser.add_argument("--only", default="abcdef", help="Sections to run, e.g. 'a,c' (default: all)")
+    parser.add_argument("--compile", default="t3", help="(a): shapes to torch.compile: none, all, t3, t6 or DiT-S/2")
+    parser.add_argument("--fit-steps", type=int, default=None, help="(e): fit steps (default 200; 20 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    args = parser.parse_args(argv)
+    unknown = set(args.only.replace(",", "")) - set(TITLES)
+    if unknown:
+        raise SystemExit(f"`--only` has unknown sections {sorted(unknown)}; choose from {''.join(TITLES)}")
+    setup_threads(args.threads)
+    info = machine_info()  # before the benchmarks, so the load average is that of the machine, not ours
+    start = time.perf_counter()
+    sections = []
+    for key, runner in _runners(args).items():
+        if key not in args.only:
+            sections.append(Section(TITLES[key], "skipped (`--only`)"))
+            continue
+        print(f"running {TITLES[key]} ...", flush=True)
+        section_start = time.perf_counter()
+        try:
+            section = runner()
+        except Exception as error:  # keep the other sections' numbers; the failure is reported in its place
+            traceback.print_exc()
+            section = Section(TITLES[key], f"FAILED: {type(error).__name__}: {error}")
+        section.body += f"\n\n(section wall time: {time.perf_counter() - section_start:.0f} s)"
+        sections.append(section)
+    total = time.perf_counter() - start
+    goals = [goal for section in sections for goal in section.goals]
+    full_suite = not args.quick and set(args.only.replace(",", "")) == set(TITLES)
+    goals.append(
+        Goal(
+            "make bench wall time (full mode, this machine)",
+            f"{total:.0f} s",
+            f"< {_BUDGET_S} s",
+            total < _BUDGET_S if full_suite else None,
+        )
+    )
+    mode = (
+        "**QUICK MODE**: tiny shapes and repeats to check the suite; the numbers are not results. "
+        if args.quick
+        else ""
+    )
+    text = "\n".join(
+        [
+            "# diffperc benchmarks",
+            "",
+            f"{mode}Written by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` (`make bench`) in "
+            f"{total:.0f} s. Times are medians over repeats; variants that are compared run in interleaved rounds "
+            "(a, b, a, b, ...) so a busy neighbour slows them alike, and the load average below says how busy the "
+            "machine was.",
+            "",
+            "## Machine",
+            "",
+            md_table(["", ""], [[k, v] for k, v in info.items()]),
+            "",
+            OMP_NOTE,
+            "",
+            "## Goals",
+            "",
+            goals_table(goals),
+            "",
+            *(section.markdown() for section in sections),
+        ]
+    )
+    path = write_markdown(args.out, text)
+    print(text)
+    return path
+
+
+if __name__ == "__main__":
+    main()

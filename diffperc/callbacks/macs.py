@@ -1,0 +1,147 @@
+"""Cumulative training compute (``compute/train_macs``), the x-axis of every scaling plot, and test-time MACs.
+
+Add it with ``--trainer.callbacks+=diffperc.callbacks.macs.MACsCounter`` (``diffperc sweep`` does this for you);
+at fit end it writes ``train_macs.json`` into the run directory.
+"""
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from diffperc.compute import count_train_macs
+from diffperc.models import moe_config
+from diffperc.utils import atomic_write_json
+
+TRAIN_MACS_KEY = "compute/train_macs"
+TEST_MACS_KEY = "compute/test_macs_per_sample"
+TRAIN_MACS_FILE = "train_macs.json"
+
+
+class MACsCounter(Callback):
+    """Counts the multiply-accumulates of every optimisation step and logs their running total.
+
+    What is counted: the network's forward and backward (``count_train_macs(pl_module.net, x, t, y)``) on the inputs
+    it receives in ``training_step``, summed over the micro-batches of an optimisation step (gradient accumulation)
+    and over all processes (DDP: each rank's batch counts). The frozen codec and the optimizer update are not counted
+    (latents can be cached, and AdamW is O(parameters); see ``count_train_macs``). A dense network is measured once
+    per batch shape on the meta device (free); a mixture of experts is measured on every real batch, because with an
+    expert capacity its compute depends on the routing (this costs one extra forward and backward per batch).
+
+    The network inputs come from ``pl_module.net_inputs(batch)`` when the module has it (returning ``(x, t, y)``
+    exactly as ``training_step`` passes them to ``pl_module.net``); otherwise they are rebuilt as
+    ``PerceptionFinetuning.training_step`` builds them: ``[encode_conditions(batch), noisy target latent]`` with random
+    timesteps and task ids 0. Random draws happen under a forked RNG, so training is the same with or without the
+    callback.
+
+    Logging: after every ``trainer.log_every_n_steps``-th optimisation step k (and after the last one), each logger
+    gets ``compute/train_macs`` = MACs of steps 1..k at ``step = k - 1``, the step under which Lightning logs that
+    step's ``self.log`` metrics and the validation run after it. The total is part of the checkpoint
+    (``state_dict``), so a resumed run keeps counting. At fit end, ``{"compute/train_macs": ..., "global_step": ...}``
+    is written atomically to ``<trainer.log_dir>/train_macs.json``. At test end, the module's
+    ``test_results["compute/test_macs_per_sample"]`` (set by ``PerceptionFinetuning.on_test_epoch_end``) is logged
+    too, when present.
+
+    Args:
+        filename: Name of the JSON file written into the run directory at fit end.
+    """
+
+    def __init__(self, filename: str = TRAIN_MACS_FILE):
+        self.filename = filename
+        self.train_macs = 0  # all processes, all optimisation steps so far (restored on resume)
+        self._macs_by_shape: dict[tuple, int] = {}
+        self._last_step = 0
+        self._last_logged_step = -1
+
+    # ----------------------------------------------------------------- counting
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._last_logged_step = trainer.global_step  # a resumed run already logged up to here
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        # Measured before the step runs, so a mixture of experts is routed by the weights the step itself uses.
+        if moe_config(pl_module.net) is not None:
+            local = self._measure(pl_module, batch, device="same")
+            # Routing differs between ranks: sum the real counts (one scalar all-reduce per batch).
+            total = trainer.strategy.reduce(torch.tensor(float(local), device=pl_module.device), reduce_op="sum")
+            self.train_macs += int(round(float(total)))
+            return
+        key = _shape_key(batch)
+        if key not in self._macs_by_shape:
+            self._macs_by_shape[key] = self._measure(pl_module, batch, device="meta")
+        self.train_macs += self._macs_by_shape[key] * trainer.world_size
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # a micro-batch inside gradient accumulation: no optimisation step yet
+            return
+        self._last_step = step
+        if step % max(1, trainer.log_every_n_steps) == 0:
+            self._log(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_logged_step:
+            self._log(trainer)  # the final total is always in the logs
+        if trainer.is_global_zero:
+            record = {TRAIN_MACS_KEY: self.train_macs, "global_step": trainer.global_step}
+            atomic_write_json(Path(trainer.log_dir or trainer.default_root_dir) / self.filename, record)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        results = getattr(pl_module, "test_results", None)
+        if isinstance(results, Mapping) and results.get(TEST_MACS_KEY) is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({TEST_MACS_KEY: float(results[TEST_MACS_KEY])}, step=trainer.global_step)
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"train_macs": self.train_macs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_macs = int(state_dict["train_macs"])
+
+    # ------------------------------------------------------------------ helpers
+    def _log(self, trainer: Trainer) -> None:
+        self._last_logged_step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics({TRAIN_MACS_KEY: float(self.train_macs)}, step=max(trainer.global_step - 1, 0))
+
+    def _measure(self, pl_module: LightningModule, batch, device: str) -> int:
+        net = pl_module.net
+        forked = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked):  # the count's random inputs and forward leave the RNG as it was
+            return count_train_macs(net, *_net_inputs(pl_module, batch), device=device)
+
+
+def _shape_key(batch) -> tuple:
+    """The shapes of every tensor in a batch: equal keys mean equal network input shapes."""
+    if isinstance(batch, torch.Tensor):
+        return (tuple(batch.shape),)
+    if isinstance(batch, Mapping):
+        return tuple((k, _shape_key(v)) for k, v in sorted(batch.items(), key=lambda kv: str(kv[0])))
+    if isinstance(batch, (list, tuple)):
+        return tuple(_shape_key(v) for v in batch)
+    return ()
+
+
+@torch.no_grad()
+def _net_inputs(pl_module: LightningModule, batch) -> tuple:
+    if hasattr(pl_module, "net_inputs"):
+        return tuple(pl_module.net_inputs(batch))
+    if hasattr(pl_module, "encode_conditions"):
+        # PerceptionFinetuning.training_step: [condition latents, noisy target latent] on channels, task id 0.
+        cond = pl_module.encode_conditions(batch)
+        x0 = pl_module.codec.encode(pl_module.task.encode_target(batch))
+        y = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
+    elif isinstance(batch, Mapping) and ("image" in batch or "latent" in batch):
+        # DiffusionPretraining.training_step: the noisy image latent and its class label.
+        cond = None
+        x0 = batch["latent"].float() if "latent" in batch else pl_module.codec.encode(batch["image"])
+        y = batch["label"].long() if "label" in batch else torch.zeros(x0.shape[0], dtype=torch.long)
+    else:
+        raise TypeError(f"MACsCounter: {type(pl_module).__name__} has no `net_inputs(batch)` returning the (x, t, y) "
+                        "its training_step passes to `self.net`; add one")
+    t = torch.randint(0, pl_module.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    xt = pl_module.noise_scheduler.add_noise(x0, torch.randn_like(x0), t)
+    x = xt if cond is None else torch.cat([cond, xt], dim=1)
+    return x.to(next(pl_module.net.parameters()).dtype), t, y.to(x0.device)

@@ -1,0 +1,175 @@
+from unittest import mock
+from unittest.mock import Mock, call
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from diffperc.callbacks import macs as macs_module
+from diffperc.callbacks.macs import MACsCounter
+from diffperc.codecs import PixelCodec
+from diffperc.compute import count_train_macs
+from diffperc.data import PerceptionDataModule, ProceduralDepth
+from diffperc.diffusion import DiffusionSettings, InferenceSettings
+from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.lit.finetuning import Upcycle
+from diffperc.tasks import DepthTask
+
+
+def _tiny_module(**kw) -> PerceptionFinetuning:
+    return PerceptionFinetuning(
+        task=DepthTask(min_depth=0.1, max_depth=30.0),
+        codec=PixelCodec(),
+        backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=4),
+        image_size=16,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        diffusion=DiffusionSettings(prediction_type="v_prediction"),
+        inference=InferenceSettings(num_steps=1),
+        num_images_logged=0,
+        **kw,
+    )
+
+
+def _data() -> PerceptionDataModule:
+    return PerceptionDataModule(
+        train=ProceduralDepth("train", 64, 16), test=ProceduralDepth("test", 4, 16), batch_size=4
+    )
+
+
+def _logger(tmp_path) -> Mock:
+    logger = Mock()
+    logger.log_dir = logger.save_dir = str(tmp_path)  # where the callback writes train_macs.json
+    return logger
+
+
+def _trainer(tmp_path, logger, callback, **kw) -> Trainer:
+    kw = {"max_steps": 5, "enable_checkpointing": False, "log_every_n_steps": 1, **kw}
+    return Trainer(
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def _counter(trainer: Trainer) -> MACsCounter:
+    # The module's configure_callbacks may supply its own MACsCounter, which then replaces the one passed in.
+    (counter,) = [cb for cb in trainer.callbacks if isinstance(cb, MACsCounter)]
+    return counter
+
+
+def _step_macs(module: PerceptionFinetuning, batch_size: int = 4) -> int:
+    # One micro-batch: [RGB condition, noisy depth] = 6 channels at 16 px into the net, the count that training costs.
+    x = torch.zeros(batch_size, 6, 16, 16)
+    t = y = torch.zeros(batch_size, dtype=torch.long)
+    return count_train_macs(module.net, x, t, y)
+
+
+def _macs_calls(logger: Mock, key: str = "compute/train_macs") -> list:
+    return [c for c in logger.log_metrics.mock_calls if key in (c.args[0] if c.args else c.kwargs["metrics"])]
+
+
+def test_macs_counter_logs_cumulative_train_macs_every_step(tmp_path):
+    module, logger = _tiny_module(), _logger(tmp_path)
+    per_step = _step_macs(module)
+    trainer = _trainer(tmp_path, logger, MACsCounter())
+    trainer.fit(module, datamodule=_data())
+    # Step k's total is logged under Lightning's step index k - 1 (where its train/loss goes).
+    expected = [call({"compute/train_macs": float(k * per_step)}, step=k - 1) for k in range(1, 6)]
+    assert _macs_calls(logger) == expected
+    assert _counter(trainer).train_macs == 5 * per_step
+    record = (tmp_path / "train_macs.json").read_text()
+    assert f'"compute/train_macs": {5 * per_step}' in record and '"global_step": 5' in record
+
+
+def test_macs_counter_sums_micro_batches_and_logs_the_final_total(tmp_path):
+    module, logger = _tiny_module(), _logger(tmp_path)
+    per_batch = _step_macs(module)
+    trainer = _trainer(tmp_path, logger, MACsCounter(), max_steps=3, accumulate_grad_batches=2, log_every_n_steps=2)
+    trainer.fit(module, datamodule=_data())
+    # 2 micro-batches per optimisation step; logged at step 2 (every 2nd) and after the last step (3).
+    assert _macs_calls(logger) == [
+        call({"compute/train_macs": float(4 * per_batch)}, step=1),
+        call({"compute/train_macs": float(6 * per_batch)}, step=2),
+    ]
+
+
+def test_macs_counter_scales_by_world_size(tmp_path):
+    module, logger = _tiny_module(), _logger(tmp_path)
+    per_step = _step_macs(module)
+    trainer = _trainer(tmp_path, logger, MACsCounter(), max_steps=2)
+    with mock.patch.object(Trainer, "world_size", new_callable=mock.PropertyMock, return_value=4):
+        trainer.fit(module, datamodule=_data())
+    assert _counter(trainer).train_macs == 2 * 4 * per_step
+
+
+def test_macs_counter_resume_continues_the_count(tmp_path):
+    module, logger = _tiny_module(), _logger(tmp_path)
+    per_step = _step_macs(module)
+    first = _trainer(tmp_path, logger, MACsCounter(), max_steps=2)
+    first.fit(module, datamodule=_data())
+    ckpt = tmp_path / "two.ckpt"
+    first.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=True)["callbacks"]["MACsCounter"] == {"train_macs": 2 * per_step}
+
+    logger = _logger(tmp_path)
+    second = _trainer(tmp_path, logger, MACsCounter(), max_steps=4)
+    second.fit(_tiny_module(), datamodule=_data(), ckpt_path=ckpt)
+    assert _counter(second).train_macs == 4 * per_step
+    assert _macs_calls(logger) == [call({"compute/train_macs": float(k * per_step)}, step=k - 1) for k in (3, 4)]
+
+
+def test_macs_counter_remeasures_every_batch_for_moe_only(tmp_path):
+    counted = []
+
+    def _counting(*args, **kwargs):
+        counted.append(kwargs["device"])
+        return count_train_macs(*args, **kwargs)
+
+    for module, expected in ((_tiny_module(), ["meta"]), (_tiny_module(upcycle=Upcycle(2, 1)), ["same"] * 2)):
+        counted.clear()
+        with mock.patch.object(macs_module, "count_train_macs", _counting):
+            _trainer(tmp_path, _logger(tmp_path), MACsCounter(), max_steps=2).fit(module, datamodule=_data())
+        assert counted == expected
+
+
+def test_macs_counter_does_not_change_training(tmp_path):
+    def _final_weights(callbacks_on: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        module = _tiny_module()
+        callback = MACsCounter() if callbacks_on else Callback()
+        trainer = _trainer(tmp_path, _logger(tmp_path), callback, max_steps=2)
+        trainer.fit(module, datamodule=_data())
+        return torch.cat([p.detach().flatten() for p in module.net.parameters()])
+
+    torch.testing.assert_close(_final_weights(True), _final_weights(False), rtol=0, atol=0)
+
+
+def test_macs_counter_logs_test_macs_reported_by_the_module(tmp_path):
+    module, logger = _tiny_module(), _logger(tmp_path)
+    trainer = _trainer(tmp_path, logger, MACsCounter(), max_steps=1)
+    trainer.test(module, datamodule=_data())
+    reported = module.test_results["compute/test_macs_per_sample"]
+    assert reported > 0
+    assert _macs_calls(logger, "compute/test_macs_per_sample") == [
+        call({"compute/test_macs_per_sample": float(reported)}, step=0)
+    ]
+
+
+
+def test_macs_counter_counts_pretraining_steps(tmp_path):
+    from diffperc.data.procedural_classes import ProceduralClasses
+    from diffperc.lit.pretraining import DiffusionPretraining
+
+    module = DiffusionPretraining(backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=4),
+                                  image_size=16, num_classes=10)
+    x, t = torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)  # the noisy image and its class label
+    per_step = count_train_macs(module.net, x, t, t)
+    logger = _logger(tmp_path)
+    trainer = _trainer(tmp_path, logger, MACsCounter(), max_steps=2)
+    trainer.fit(module, datamodule=PerceptionDataModule(train=ProceduralClasses("train", 16, 16), batch_size=4))
+    assert _counter(trainer).train_macs == 2 * per_step
+    assert _macs_calls(logger) == [call({"compute/train_macs": float(k * per_step)}, step=k - 1) for k in (1, 2)]

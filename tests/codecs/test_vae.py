@@ -1,0 +1,84 @@
+"""VAECodec with a tiny AutoencoderKL saved by the test (never downloaded)."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+
+from diffperc.codecs import VAECodec
+
+
+def _tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         layers_per_block=1, norm_num_groups=8, sample_size=16)
+
+
+@pytest.fixture
+def vae_dir(tmp_path):
+    vae = _tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae", vae
+
+
+def test_vae_codec_round_trip_matches_the_saved_autoencoder(vae_dir):
+    path, vae = vae_dir
+    codec = VAECodec(str(path))
+    assert (codec.latent_channels, codec.downsample) == (4, 2)
+    assert not any(p.requires_grad for p in codec.parameters())
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+
+    latents = codec.encode(images)
+    assert latents.shape == (3, 4, 8, 8)
+    # Encoding by the mode is deterministic and equals the original model's mean latent times 0.18215.
+    torch.testing.assert_close(codec.encode(images), latents, rtol=0, atol=0)
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.mode() * 0.18215
+        decoded_expected = vae.decode(latents / 0.18215).sample.clamp(-1, 1)
+    torch.testing.assert_close(latents, expected)
+
+    decoded = codec.decode(latents)
+    assert decoded.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(decoded, decoded_expected)
+    assert decoded.min() >= -1 and decoded.max() <= 1
+
+
+def test_vae_codec_batches_and_stays_frozen(vae_dir):
+    path, _ = vae_dir
+    images = torch.rand(5, 3, 16, 16) * 2 - 1
+    whole = VAECodec(str(path), max_batch=16).encode(images)
+    codec = VAECodec(str(path), max_batch=2, scaling_factor=0.5)
+    # Chunks of 2, 2, 1 give the same latents (up to the scale).
+    torch.testing.assert_close(codec.encode(images) / 0.5, whole / 0.18215, rtol=1e-5, atol=1e-5)
+    codec.train()
+    assert codec.training and not codec.vae.training
+
+
+def test_vae_codec_loads_from_a_pipeline_subfolder(tmp_path):
+    _tiny_vae().save_pretrained(tmp_path / "pipe" / "vae")
+    assert VAECodec(str(tmp_path / "pipe"), subfolder="vae").latent_channels == 4
+    with pytest.raises(ValueError, match="no config.json"):
+        VAECodec(str(tmp_path / "pipe"))
+
+
+def test_vae_codec_rejects_missing_and_non_vae_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="VAE folder not found"):
+        VAECodec(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        VAECodec(str(tmp_path / "empty"))
+    # Another diffusers model: diffusers alone would build a random VAE with a warning.
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8, layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    unet.save_pretrained(tmp_path / "unet")
+    with pytest.raises(ValueError, match="holds a UNet2DModel, not an AutoencoderKL"):
+        VAECodec(str(tmp_path / "unet"))
+    # A VAE config without weights.
+    _tiny_vae().save_pretrained(tmp_path / "noweights")
+    (tmp_path / "noweights" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="Could not load an AutoencoderKL"):
+        VAECodec(str(tmp_path / "noweights"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid diffusers config"):
+        VAECodec(str(tmp_path / "broken"))

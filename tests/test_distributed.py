@@ -1,0 +1,279 @@
+"""Strategies on CPU: 2-process DDP and 2-process FSDP2 (``ModelParallelStrategy`` + ``fully_shard``, gloo) train a
+tiny DiT to the same weights as one process with the same global batch, plus the parallel helpers on their own.
+
+Each multi-process run is a ``torch.distributed.run`` subprocess of this file (its ``__main__``), so process groups
+never leak between tests. By hand: ``python -m torch.distributed.run --nproc-per-node 2 tests/test_distributed.py
+--strategy fsdp2 --out /tmp/w.pt``.
+"""
+
+import argparse
+import contextlib
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffperc.codecs import PixelCodec
+from diffperc.data import PerceptionDataModule, ProceduralDepth
+from diffperc.data.sampler import ResumableDataLoader, ResumableSampler
+from diffperc.diffusion import DiffusionSettings, InferenceSettings, training_target
+from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.lit.parallel import apply_fsdp2, checkpoint_blocks, draw_noise_and_timesteps
+from diffperc.tasks import DepthTask
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH, STEPS, LR = 8, 3, 1e-3
+
+
+class _ParallelFinetuning(PerceptionFinetuning):
+    """PerceptionFinetuning with the two hooks the lead is adding: ``configure_model`` (FSDP2 under
+    ModelParallelStrategy, optional activation checkpointing) and noise from ``draw_noise_and_timesteps``."""
+
+    def __init__(self, *args, activation_checkpointing: bool = False, noise_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.activation_checkpointing, self.noise_seed = activation_checkpointing, noise_seed
+
+    def configure_model(self) -> None:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            apply_fsdp2(self.net, self.device_mesh, activation_checkpointing=self.activation_checkpointing)
+        elif self.activation_checkpointing:
+            checkpoint_blocks(self.net)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        from diffperc.data.sampler import data_parallel_layout
+
+        cond = self.encode_conditions(batch)
+        x0 = self.codec.encode(self.task.encode_target(batch))
+        rank, world = data_parallel_layout(self.trainer)
+        noise, t = draw_noise_and_timesteps(x0, self.noise_scheduler.config.num_train_timesteps, self.noise_seed,
+                                            self.trainer.fit_loop.total_batch_idx, rank, world)
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        out = self.net(torch.cat([cond, xt], dim=1), t, self._task_ids(batch))[:, : self.latent_channels]
+        loss = F.mse_loss(out.float(), training_target(self.noise_scheduler, x0, noise, t).float())
+        self.log("train/loss", loss, batch_size=x0.shape[0])
+        return loss
+
+
+def _module(activation_checkpointing: bool = False) -> _ParallelFinetuning:
+    torch.manual_seed(0)  # identical initial weights in every process
+    return _ParallelFinetuning(
+        task=DepthTask(min_depth=0.1, max_depth=30.0),
+        codec=PixelCodec(),
+        backbone=Backbone(name="t1", hidden_size=32, depth=2, num_heads=2, patch_size=2),
+        image_size=16,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
+        diffusion=DiffusionSettings(prediction_type="v_prediction"),
+        inference=InferenceSettings(num_steps=1),
+        activation_checkpointing=activation_checkpointing,
+    )
+
+
+def _fit(strategy: str, devices: int, out: Path, seed: int = 0, activation_checkpointing: bool = False) -> None:
+    """Trains STEPS steps on a global batch of GLOBAL_BATCH and saves the full weights to ``out`` (rank 0)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if strategy == "fsdp2":
+        # Pure data parallelism; one consolidated file so the weights compare directly.
+        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=False)
+    dm = PerceptionDataModule(train=ProceduralDepth("train", 64, 16), batch_size=GLOBAL_BATCH // devices, seed=seed)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, default_root_dir=out.parent)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 cores: one thread per process, and the same kernels in every run
+    try:
+        trainer.fit(_module(activation_checkpointing), datamodule=dm)
+        trainer.save_checkpoint(out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _net_state(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+def _torchrun(strategy: str, out: Path, extra: tuple = ()) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(Path(__file__)), "--strategy", strategy, "--out", str(out), *extra]
+    start = time.perf_counter()
+    result = _run_isolated(cmd, out.parent, env, timeout=240)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}"
+    return time.perf_counter() - start
+
+
+def _run_isolated(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Runs ``cmd`` in its own process group and kills the whole group afterwards, so workers it started never
+    outlive the test (not even after a timeout)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.returncode is None:
+            out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    # Same samples, same noise, same initial weights: only the summation order of the gradient differs (two halves
+    # of the batch reduced across processes vs one batch of 8), ~1e-7 relative. Through Adam's normalised update
+    # (lr 1e-3, eps 1e-8) over 3 steps that stays ~1e-8 (measured: 1.5e-8 for DDP and FSDP2); 1e-6 leaves room for
+    # other CPUs' kernels and is still 5000x below the 5e-3 a different data order causes (the control test below).
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def single_process_weights(tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("single") / "weights.ckpt"
+    _fit("auto", 1, out)
+    return _net_state(out)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path, single_process_weights):
+    out = tmp_path / "ddp.ckpt"
+    seconds = _torchrun("ddp", out)
+    print(f"2-process DDP on CPU: {seconds:.1f} s for {STEPS} steps, including start-up")
+    ddp = _net_state(out)
+    _assert_same_weights(ddp, single_process_weights)
+    init = _module().state_dict()
+    moved = max((ddp[k] - init[k]).abs().max().item() for k in ddp)
+    assert moved > 1e-3  # training really happened
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process(tmp_path, single_process_weights):
+    out = tmp_path / "fsdp2.ckpt"
+    seconds = _torchrun("fsdp2", out, ("--activation-checkpointing",))
+    print(f"2-process FSDP2 (+ activation checkpointing) on CPU: {seconds:.1f} s for {STEPS} steps, incl. start-up")
+    _assert_same_weights(_net_state(out), single_process_weights)
+
+
+@pytest.mark.slow
+def test_ddp_tolerance_would_catch_another_data_order(tmp_path, single_process_weights):
+    out = tmp_path / "other_seed.ckpt"
+    _fit("auto", 1, out, seed=1)
+    other = _net_state(out)
+    worst = max((other[k] - single_process_weights[k]).abs().max().item() for k in other)
+    assert worst > 1e-3, worst
+
+
+@pytest.mark.slow
+def test_step_seeded_noise_resumes_exactly_without_rng_state(tmp_path):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(max_steps: int, *callbacks) -> Trainer:
+        return Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                       callbacks=list(callbacks), enable_checkpointing=bool(callbacks))
+
+    dm = lambda: PerceptionDataModule(train=ProceduralDepth("train", 12, 16), batch_size=4)  # noqa: E731
+    straight = _module()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer(5, saver).fit(straight, datamodule=dm())
+    torch.manual_seed(123)  # the global RNG differs after the "crash": the noise must not depend on it
+    resumed = _module()
+    trainer(5).fit(resumed, datamodule=dm(), ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")  # mid-epoch 1 of 3 batches
+    for key, value in straight.net.state_dict().items():
+        torch.testing.assert_close(resumed.net.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def _strategy_from_config(name: str):
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    trainer = yaml.safe_load((ROOT / "configs" / "trainer" / name).read_text())["trainer"]
+    return parser.instantiate(parser.parse_object({"strategy": trainer["strategy"]})).strategy, trainer
+
+
+def test_strategy_configs_build_what_they_promise():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from diffperc.models.dit import DiTBlock
+
+    fsdp, trainer = _strategy_from_config("fsdp.yaml")
+    assert isinstance(fsdp, FSDPStrategy) and fsdp._state_dict_type == "full" and trainer["precision"] == "bf16-mixed"
+    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
+    assert fsdp._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {DiTBlock}
+    fsdp2, trainer = _strategy_from_config("fsdp2.yaml")
+    assert isinstance(fsdp2, ModelParallelStrategy) and not fsdp2._save_distributed_checkpoint
+    assert fsdp2._data_parallel_size == trainer["devices"] and fsdp2._tensor_parallel_size == 1
+    ddp, _ = _strategy_from_config("ddp.yaml")
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["find_unused_parameters"] is False
+    assert ddp._ddp_kwargs["gradient_as_bucket_view"] is True
+
+
+def test_draw_noise_rank_shares_tile_the_global_draw():
+    x0 = torch.zeros(3, 2, 4, 4)
+    full_noise, full_t = draw_noise_and_timesteps(torch.zeros(6, 2, 4, 4), 1000, seed=5, step=7)
+    shares = [draw_noise_and_timesteps(x0, 1000, seed=5, step=7, rank=r, world_size=2) for r in range(2)]
+    torch.testing.assert_close(shares[0][0], full_noise[0::2], rtol=0, atol=0)
+    torch.testing.assert_close(shares[1][1], full_t[1::2], rtol=0, atol=0)
+    assert not torch.equal(shares[0][0], shares[1][0])  # ranks never repeat each other's noise
+    again, _ = draw_noise_and_timesteps(x0, 1000, seed=5, step=8, rank=0, world_size=2)
+    assert not torch.equal(again, shares[0][0])  # the next step draws new noise
+
+
+def test_sampler_shards_tile_the_single_process_batches():
+    data = list(range(20))
+    one = ResumableDataLoader(data, ResumableSampler(data, 1, 0, seed=3), batch_size=4)
+    two = [ResumableDataLoader(data, ResumableSampler(data, 2, r, seed=3), batch_size=2) for r in range(2)]
+    for batch, b0, b1 in zip(one, *two):
+        assert sorted(batch.tolist()) == sorted(b0.tolist() + b1.tolist())
+        assert batch[0::2].tolist() == b0.tolist() and batch[1::2].tolist() == b1.tolist()
+
+
+def test_checkpoint_blocks_keeps_names_values_and_gradients():
+    module = _module()
+    reference = copy.deepcopy(module.net)
+    assert checkpoint_blocks(module.net) == 2 and checkpoint_blocks(module.net) == 0
+    assert list(module.net.state_dict()) == list(reference.state_dict())
+    x, t, y = torch.randn(2, 6, 16, 16), torch.tensor([3, 500]), torch.zeros(2, dtype=torch.long)
+    for net in (module.net, reference):
+        net.blocks[0].adaLN_modulation[-1].weight.data.normal_(generator=torch.Generator().manual_seed(0))
+        net(x, t, y).square().mean().backward()
+    torch.testing.assert_close(module.net.blocks[0].attn.qkv.weight.grad, reference.blocks[0].attn.qkv.weight.grad)
+    ema = copy.deepcopy(module.net)  # an EMA copy must run its own weights, not the original's
+    ema.blocks[0].mlp.fc2.bias.data.add_(1.0)
+    h, c = torch.randn(2, 64, 32, requires_grad=True), torch.randn(2, 32)  # grad on: the checkpointed path
+    diff = ema.blocks[0](h, c) - module.net.blocks[0](h, c)
+    gate = module.net.blocks[0].adaLN_modulation(c).chunk(6, dim=1)[5]  # the MLP branch is scaled by gate_mlp
+    torch.testing.assert_close(diff, gate.unsqueeze(1).expand_as(diff))
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="one process of a distributed test run (launched by torchrun)")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    _fit(args.strategy, int(os.environ.get("WORLD_SIZE", "1")), args.out,
+         activation_checkpointing=args.activation_checkpointing)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.strategy}: Trainer.fit + save {time.perf_counter() - start:.2f} s")
+
+
+if __name__ == "__main__":
+    _main()
