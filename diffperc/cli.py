@@ -4,13 +4,18 @@ To run: ``diffperc fit --config configs/quickstart/depth.yaml`` (``--print_confi
 """
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
-import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+# Idle OpenMP threads sleep instead of spinning: with data workers or other jobs on the same cores, spinning threads
+# slowed training steps several-fold in our measurements. Set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
+from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from diffperc.checkpoint_io import LOAD_ERRORS, AtomicCheckpointIO, check_ckpt_path, load_error
 
@@ -61,6 +66,7 @@ PROJECT_COMMANDS = {
     "upcycle": "diffperc.upcycling:main",
     "sweep": "diffperc.scaling.sweep:main",
     "laws": "diffperc.scaling.laws:main",
+    "cache-latents": "diffperc.data.latents:main",
 }
 
 

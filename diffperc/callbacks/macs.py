@@ -69,7 +69,7 @@ class MACsCounter(Callback):
             return
         key = _shape_key(batch)
         if key not in self._macs_by_shape:
-            self._macs_by_shape[key] = self._measure(pl_module, batch, device="meta")
+            self._macs_by_shape[key] = self._measure(pl_module, batch, device="auto")  # meta unless routed by task
         self.train_macs += self._macs_by_shape[key] * trainer.world_size
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:

@@ -11,7 +11,7 @@ from diffperc.data.depth_eval import (
 )
 from diffperc.data.imagenet import ImageNetFolder
 from diffperc.data.images import ImageFolder
-from diffperc.data.latents import LatentCache
+from diffperc.data.latents import LatentCache, cache_latents
 from diffperc.data.mixture import MixtureDataset, MultiTaskDataModule
 from diffperc.data.procedural import ProceduralDepth
 from diffperc.data.procedural_amodal import ProceduralAmodal
@@ -39,4 +39,5 @@ __all__ = [
     "ProceduralDepth",
     "ProceduralFlow",
     "ScanNetDataset",
+    "cache_latents",
 ]

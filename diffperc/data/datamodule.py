@@ -46,8 +46,11 @@ class PerceptionDataModule(LightningDataModule):
             raise ValueError(f"`--data.batch_size` must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"`--data.num_workers` must be >= 0, got {num_workers}")
-        for key, value in (("eval_batch_size", eval_batch_size or 1), ("predict_resolution", predict_resolution),
-                           ("predict_multiple", predict_multiple)):
+        for key, value in (
+            ("eval_batch_size", eval_batch_size or 1),
+            ("predict_resolution", predict_resolution),
+            ("predict_multiple", predict_multiple),
+        ):
             if value < 1:
                 raise ValueError(f"`--data.{key}` must be >= 1, got {value}")
         if images is not None and not Path(images).is_dir():  # fail before a run directory is created
@@ -85,7 +88,17 @@ class PerceptionDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self.images:
-            folder = ImageFolder(self.images, self.predict_resolution, self.predict_multiple)
-            # Images keep their aspect ratio, so sizes differ: one image per batch.
-            return DataLoader(folder, batch_size=1, num_workers=self.num_workers)
+            return folder_loader(self, self.images, self.predict_resolution, self.predict_multiple, self.num_workers)
         return self._loader(self.test_set, "test", self.eval_batch_size, shuffle=False)
+
+
+def folder_loader(
+    datamodule: LightningDataModule, images: str, resolution: int, multiple: int, num_workers: int = 0
+) -> DataLoader:
+    """A loader over a folder of user inputs in the layout of the model's (predict) task: single images for depth,
+    consecutive frame pairs for flow, image + ``_mask`` pairs for amodal."""
+    trainer = getattr(datamodule, "_trainer", None)
+    task = getattr(getattr(trainer, "lightning_module", None), "task", None)
+    folder = ImageFolder(images, resolution, multiple, layout=getattr(task, "predict_layout", "single"))
+    # Inputs keep their aspect ratio, so sizes differ: one input per batch.
+    return DataLoader(folder, batch_size=1, num_workers=num_workers)

@@ -1,6 +1,10 @@
-"""A folder of user images for ``diffperc predict``: resized to the processing resolution and padded, with the
+"""A folder of user inputs for ``diffperc predict``: resized to the processing resolution and padded, with the
 sizes needed to undo both recorded in each sample. An unreadable file becomes a placeholder sample carrying its
-``error``, so one bad file is reported and skipped by the writer instead of ending the whole run."""
+``error``, so one bad file is reported and skipped by the writer instead of ending the whole run.
+
+Layouts (a task's ``predict_layout``): ``single`` (depth: every image), ``pairs`` (flow: consecutive images in name
+order, frame i and i + 1), ``masks`` (amodal: ``<name>.png`` with its visible-object mask ``<name>_mask.png``).
+"""
 
 from pathlib import Path
 
@@ -11,63 +15,105 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+LAYOUTS = ("single", "pairs", "masks")
+
+
+class _Unreadable(Exception):
+    pass
 
 
 class ImageFolder(Dataset):
-    """Every image in a folder (sorted by name), long edge resized to ``resolution``, padded to ``multiple``.
+    """Every input in a folder (sorted by name), long edge resized to ``resolution``, padded to ``multiple``.
 
     Args:
         root: Folder of images (``--data.images``).
         resolution: Processing resolution: the long edge after resizing.
         multiple: Pad height and width up to a multiple of this (the codec factor x the patch size).
+        layout: ``single``, ``pairs`` or ``masks`` (see the module docstring).
     """
 
-    def __init__(self, root: str, resolution: int = 32, multiple: int = 8):
+    def __init__(self, root: str, resolution: int = 32, multiple: int = 8, layout: str = "single"):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"`--data.images` folder not found: {self.root}")
-        self.files = sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise ValueError(f"`--data.images` folder {self.root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        if layout not in LAYOUTS:
+            raise ValueError(f"Unknown predict layout {layout!r}; choose one of {LAYOUTS}")
+        files = sorted(p for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if layout == "masks":
+            masks = {p.stem[: -len("_mask")]: p for p in files if p.stem.endswith("_mask")}
+            images = [p for p in files if not p.stem.endswith("_mask")]
+            missing = [p.name for p in images if p.stem not in masks]
+            if missing:
+                raise ValueError(f"`--data.images` {self.root}: no `<name>_mask.png` for {missing[:5]}")
+            self.items = [(p, masks[p.stem]) for p in images]
+        elif layout == "pairs":
+            self.items = list(zip(files[:-1], files[1:]))
+        else:
+            self.items = [(p,) for p in files]
+        if not self.items:
+            need = "two or more images" if layout == "pairs" else "images"
+            raise ValueError(f"`--data.images` folder {self.root} holds no {need} ({', '.join(IMAGE_SUFFIXES)})")
         if resolution <= 0 or multiple <= 0:
             raise ValueError(f"`resolution` and `multiple` must be positive, got {resolution}, {multiple}")
-        self.resolution, self.multiple = resolution, multiple
+        self.resolution, self.multiple, self.layout = resolution, multiple, layout
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
+
+    def _read(self, path: Path, flags: int) -> np.ndarray:
+        try:
+            img = cv2.imread(str(path), flags)
+        except cv2.error as err:  # some decoders raise instead of returning None
+            raise _Unreadable(f"Cannot read image {path} ({str(err).strip().splitlines()[-1]}); skipped") from err
+        if img is None or img.size == 0:
+            raise _Unreadable(f"Cannot read image {path} (unreadable or not an image); skipped")
+        return img
+
+    def _fit(self, img: np.ndarray, size: tuple[int, int], nearest: bool = False) -> torch.Tensor:
+        """Resize to ``size`` (h, w), pad right/bottom to the multiple (cropped off afterwards); (C, H, W)."""
+        h, w = size
+        shrink = w < img.shape[1]
+        interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        out = cv2.resize(img, (w, h), interpolation=interp)
+        out = torch.from_numpy(np.ascontiguousarray(out if out.ndim == 3 else out[..., None])).permute(2, 0, 1)
+        return F.pad(out.float()[None], (0, -w % self.multiple, 0, -h % self.multiple), mode="replicate")[0]
 
     def __getitem__(self, index: int) -> dict:
-        path = self.files[index]
+        paths = self.items[index]
+        name = paths[0].stem if self.layout != "pairs" else f"{paths[0].stem}_{paths[1].stem}"
         try:
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        except cv2.error as err:  # some decoders raise instead of returning None
-            bgr, reason = None, str(err).strip().splitlines()[-1]
-        else:
-            reason = "unreadable or not an image"
-        if bgr is None or bgr.size == 0:
-            return self._placeholder(path, f"Cannot read image {path} ({reason}); skipped")
-        h0, w0 = bgr.shape[:2]
-        scale = self.resolution / max(h0, w0)
-        h, w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
-        rgb = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)[..., ::-1]
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1
-        ph, pw = -h % self.multiple, -w % self.multiple
-        image = F.pad(image[None], (0, pw, 0, ph), mode="replicate")[0]  # pad right/bottom; cropped off afterwards
-        return {
-            "image": image,
-            "name": path.stem,
-            "orig_size": torch.tensor([h0, w0]),
-            "resized_size": torch.tensor([h, w]),
-            "error": "",
-        }
+            first = self._read(paths[0], cv2.IMREAD_COLOR)
+            h0, w0 = first.shape[:2]
+            scale = self.resolution / max(h0, w0)
+            size = (max(1, round(h0 * scale)), max(1, round(w0 * scale)))
+            sample = {"image": self._fit(first[..., ::-1], size) / 127.5 - 1}
+            if self.layout == "pairs":
+                second = self._read(paths[1], cv2.IMREAD_COLOR)
+                if second.shape[:2] != (h0, w0):
+                    raise _Unreadable(f"Frames {paths[0]} and {paths[1]} differ in size; skipped")
+                sample["image2"] = self._fit(second[..., ::-1], size) / 127.5 - 1
+            elif self.layout == "masks":
+                mask = self._read(paths[1], cv2.IMREAD_GRAYSCALE)
+                if mask.shape[:2] != (h0, w0):
+                    raise _Unreadable(f"Mask {paths[1]} does not match image {paths[0]} in size; skipped")
+                sample["visible_mask"] = (self._fit(mask, size, nearest=True) > 127).float()
+        except _Unreadable as err:
+            return self._placeholder(name, str(err))
+        sample.update(name=name, orig_size=torch.tensor([h0, w0]), resized_size=torch.tensor(size), error="")
+        return sample
 
-    def _placeholder(self, path: Path, error: str) -> dict:
-        # A grey square of the processing size: it batches like any image; the writer drops its prediction.
+    def _placeholder(self, name: str, error: str) -> dict:
+        # Grey inputs of the processing size: they batch like any sample; the writer drops the prediction.
         side = self.resolution + (-self.resolution % self.multiple)
-        return {
+        sample = {
             "image": torch.zeros(3, side, side),
-            "name": path.stem,
+            "name": name,
             "orig_size": torch.tensor([side, side]),
             "resized_size": torch.tensor([side, side]),
             "error": error,
         }
+        if self.layout == "pairs":
+            sample["image2"] = torch.zeros(3, side, side)
+        elif self.layout == "masks":
+            sample["visible_mask"] = torch.zeros(1, side, side)
+        return sample

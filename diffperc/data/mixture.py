@@ -9,6 +9,7 @@ import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from diffperc.data.datamodule import folder_loader
 from diffperc.data.sampler import ResumableDataLoader, ResumableSampler, data_parallel_layout
 
 #: The paper's fine-tuning steps per task (§6.1-6.3): the default mixing ratios of a generalist.
@@ -142,6 +143,9 @@ class MultiTaskDataModule(LightningDataModule):
         num_workers: Loader worker processes (samples depend only on their index, so workers need no seeding).
         pin_memory: Pin host memory for faster copies to a GPU.
         seed: Seed of the mixture's task and sample draws.
+        images: Folder of inputs for ``diffperc predict`` (in the predict task's layout).
+        predict_resolution: Long edge of ``images`` during prediction (outputs are resized back).
+        predict_multiple: Pad ``images`` to a multiple of this (codec downsample x patch size).
     """
 
     def __init__(
@@ -157,6 +161,9 @@ class MultiTaskDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        images: str | None = None,
+        predict_resolution: int = 32,
+        predict_multiple: int = 8,
     ):
         super().__init__()
         _check_lists(names, train=train, val=val, test=test)
@@ -172,6 +179,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self.images, self.predict_resolution, self.predict_multiple = images, predict_resolution, predict_multiple
 
     def _common(self) -> dict:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
@@ -202,3 +210,14 @@ class MultiTaskDataModule(LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders(self.test_sets, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """``--data.images`` in the predict task's layout, else the predict task's test set
+        (``--model.predict_task``, default the first task)."""
+        module = getattr(getattr(self, "_trainer", None), "lightning_module", None)
+        name = getattr(getattr(module, "task", None), "name", self.names[0])
+        if self.images:
+            return folder_loader(self, self.images, self.predict_resolution, self.predict_multiple, self.num_workers)
+        if self.test_sets is None:
+            raise ValueError("`diffperc predict` needs `--data.images` or `--data.test` (one data set per task)")
+        return self._eval_loaders(self.test_sets, "test")[self.names.index(name)]

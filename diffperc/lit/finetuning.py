@@ -248,18 +248,19 @@ class PerceptionFinetuning(LightningModule):
         """Condition latents (N, k * C, h, w), encoded once per batch."""
         return torch.cat([self.codec.encode(img) for img in (task or self.task).conditions(batch)], dim=1)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def _training_inputs(self, batch: dict):
+        """Network inputs (x, t, y), the regression target and the (task id, rows) groups of a training batch."""
         groups = self._groups(batch)
         width = max((self.tasks[i].num_conditions + 1) * self.latent_channels for i, _ in groups)
         rank, world = data_parallel_layout(self._trainer) if self._trainer is not None else (0, 1)
         step = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
-        inputs, targets, timesteps, task_ids = [], [], [], []
+        inputs, targets, timesteps, task_ids, rows = [], [], [], [], []
         for i, sub in groups:
             task = self.tasks[i]
             cond = self.encode_conditions(sub, task)
             x0 = self.codec.encode(task.encode_target(sub))
-            # 1. Noise only the target latent at uniformly sampled timesteps (paper eq. 1).
-            # Noise and timesteps from (seed, batch counter, task): independent of the global RNG, exact on resume.
+            # 1. Noise only the target latent at uniformly sampled timesteps (paper eq. 1); noise and timesteps come
+            #    from (seed, batch counter, task), independent of the global RNG and exact on resume.
             noise, t = draw_noise_and_timesteps(
                 x0, self.noise_scheduler.config.num_train_timesteps, self.noise_seed + 7919 * i, step, rank, world
             )
@@ -268,19 +269,28 @@ class PerceptionFinetuning(LightningModule):
             targets.append(training_target(self.noise_scheduler, x0, noise, t))
             timesteps.append(t)
             task_ids.append(self._task_ids(sub, i))
+            rows.append((i, x0.shape[0]))
+        x, t, y = torch.cat(inputs), torch.cat(timesteps), torch.cat(task_ids)
+        return (x, t, y), torch.cat(targets), rows
+
+    def net_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exactly what ``training_step`` passes to the network (read by the MACs counter)."""
+        return self._training_inputs(batch)[0]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        (x, t, y), target, rows = self._training_inputs(batch)
         # 2. One network call for the whole (possibly mixed) batch; regress the configured target (paper eq. 2).
-        out = self.net(torch.cat(inputs), torch.cat(timesteps), torch.cat(task_ids))[:, : self.latent_channels]
-        target = torch.cat(targets)
+        out = self.net(x, t, y)[:, : self.latent_channels]
         n = out.shape[0]
         loss = F.mse_loss(out.float(), target.float())
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if len(self.tasks) > 1:
             start = 0
-            for (i, _), t in zip(groups, timesteps):
-                part = slice(start, start + t.shape[0])
-                start += t.shape[0]
+            for i, count in rows:
+                part = slice(start, start + count)
+                start += count
                 task_loss = F.mse_loss(out[part].float(), target[part].float())
-                self.log(f"train/{self.tasks[i].name}/loss", task_loss, batch_size=t.shape[0])
+                self.log(f"train/{self.tasks[i].name}/loss", task_loss, batch_size=count)
         if self.is_moe:
             aux = moe_aux_loss(self.net)  # the balance loss of this forward, already scaled by its coefficient
             self.log("train/moe_aux_loss", aux, batch_size=n)

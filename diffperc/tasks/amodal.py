@@ -31,6 +31,8 @@ class AmodalTask(Task):
 
     name = "amodal"
     num_conditions = 2
+    #: ``diffperc predict --data.images``: <name>.png with <name>_mask.png
+    predict_layout = "masks"
 
     def __init__(self, threshold: float = 20 / 255, reducer: str = "median"):
         if not 0 < threshold < 2:

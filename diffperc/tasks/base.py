@@ -19,6 +19,8 @@ class Task:
     num_conditions: int = 1
     #: Default ensemble reducer for this task's predictions (``diffperc.diffusion.ensemble``).
     reducer: str = "median"
+    #: How ``diffperc predict --data.images`` reads a folder (``diffperc.data.images.LAYOUTS``).
+    predict_layout: str = "single"
 
     def conditions(self, batch: dict) -> list[torch.Tensor]:
         """The condition images (N, 3, H, W) in [-1, 1]."""

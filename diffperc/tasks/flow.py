@@ -37,6 +37,8 @@ class FlowTask(Task):
 
     name = "flow"
     num_conditions = 2
+    #: ``diffperc predict --data.images``: consecutive frames i, i + 1
+    predict_layout = "pairs"
 
     def __init__(self, max_flow: float = 8.0, outlier_thresholds: tuple[float, ...] = (1.0, 3.0, 5.0),
                  reducer: str = "median"):

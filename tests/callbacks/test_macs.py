@@ -129,7 +129,8 @@ def test_macs_counter_remeasures_every_batch_for_moe_only(tmp_path):
         counted.append(kwargs["device"])
         return count_train_macs(*args, **kwargs)
 
-    for module, expected in ((_tiny_module(), ["meta"]), (_tiny_module(upcycle=Upcycle(2, 1)), ["same"] * 2)):
+    # A dense network is counted once ("auto": on the meta device unless a module is routed); MoE on every batch.
+    for module, expected in ((_tiny_module(), ["auto"]), (_tiny_module(upcycle=Upcycle(2, 1)), ["same"] * 2)):
         counted.clear()
         with mock.patch.object(macs_module, "count_train_macs", _counting):
             _trainer(tmp_path, _logger(tmp_path), MACsCounter(), max_steps=2).fit(module, datamodule=_data())

@@ -1,0 +1,78 @@
+import json
+
+import torch
+from lightning.pytorch import Trainer
+
+from diffperc.codecs import PixelCodec
+from diffperc.data import MultiTaskDataModule, ProceduralAmodal, ProceduralDepth, ProceduralFlow
+from diffperc.diffusion import DiffusionSettings, InferenceSettings
+from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.models.router import PatchEmbedRouter
+from diffperc.tasks import AmodalTask, DepthTask, FlowTask
+
+
+def _generalist() -> PerceptionFinetuning:
+    return PerceptionFinetuning(
+        task=[DepthTask(min_depth=0.1, max_depth=30.0), FlowTask(), AmodalTask()],
+        codec=PixelCodec(),
+        backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=4),
+        image_size=16,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        diffusion=DiffusionSettings(prediction_type="v_prediction"),
+        inference=InferenceSettings(num_steps=1),
+    )
+
+
+def test_generalist_routes_inputs_by_task_and_uses_task_rows():
+    module = _generalist()
+    assert isinstance(module.net.x_embedder, PatchEmbedRouter)
+    assert module.net.x_embedder.in_channels == [6, 9, 9]  # [RGB, target]; [frame 1, frame 2, target]; ...
+    assert module.net.y_embedder.embedding_table.num_embeddings == 3  # one label row per task, no null row
+
+
+def test_generalist_trains_on_mixed_batches_and_reports_every_task(tmp_path):
+    names = ["depth", "flow", "amodal"]
+    sets = {
+        split: [cls(split, 16, 16) for cls in (ProceduralDepth, ProceduralFlow, ProceduralAmodal)]
+        for split in ("train", "test")
+    }
+    dm = MultiTaskDataModule(
+        names=names,
+        train=sets["train"],
+        test=sets["test"],
+        ratios=[1, 1, 1],
+        length=64,
+        batch_size=12,
+        eval_batch_size=8,
+    )
+    module = _generalist()
+    seen = []
+    original = module._groups
+    module._groups = lambda batch: seen.append(sorted(batch)) or original(batch)
+    route_before = [r.proj.weight.detach().clone() for r in module.net.x_embedder.routes]
+    trainer = Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        limit_test_batches=1,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert any(len(tasks) == 3 for tasks in seen)  # a batch held all three tasks
+    assert all(not torch.equal(r.proj.weight, b) for r, b in zip(module.net.x_embedder.routes, route_before))
+    trainer.test(module, datamodule=dm)
+    results = json.loads((tmp_path / "test_metrics.json").read_text())
+    for key in (
+        "depth/abs_rel",
+        "flow/epe",
+        "amodal/mask_iou",
+        "baseline/flow/epe",
+        "baseline/amodal/mask_iou",
+        "depth/compute/test_macs_per_sample",
+    ):
+        assert key in results, key
+    assert results["task"] == names
