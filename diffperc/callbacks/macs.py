@@ -83,9 +83,10 @@ class MACsCounter(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step != self._last_logged_step:
             self._log(trainer)  # the final total is always in the logs
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero:
             record = {TRAIN_MACS_KEY: self.train_macs, "global_step": trainer.global_step}
-            atomic_write_json(Path(trainer.log_dir or trainer.default_root_dir) / self.filename, record)
+            atomic_write_json(Path(log_dir) / self.filename, record)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = getattr(pl_module, "test_results", None)
@@ -107,10 +108,20 @@ class MACsCounter(Callback):
             logger.log_metrics({TRAIN_MACS_KEY: float(self.train_macs)}, step=max(trainer.global_step - 1, 0))
 
     def _measure(self, pl_module: LightningModule, batch, device: str) -> int:
-        net = pl_module.net
+        net = _unsharded(pl_module.net)
         forked = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):  # the count's random inputs and forward leave the RNG as it was
             return count_train_macs(net, *_net_inputs(pl_module, batch), device=device)
+
+
+def _unsharded(net: torch.nn.Module) -> torch.nn.Module:
+    """A sharded (FSDP) DiT cannot run on the meta device: count an unsharded meta copy of the same layout."""
+    if not any(type(m).__name__.startswith(("FSDP", "FullyShardedDataParallel")) for m in net.modules()):
+        return net
+    from diffperc.models import DiT
+
+    with torch.device("meta"):
+        return DiT(**net.config)
 
 
 def _shape_key(batch) -> tuple:

@@ -18,6 +18,9 @@ from diffperc.data.procedural import SPLITS, _resolution, split_rng
 # of ~12%.
 _BG_SHIFT, _BG_ROT_DEG, _BG_LOG_SCALE = 0.015, 1.5, 0.02
 _FG_SHIFT, _FG_ROT_DEG, _FG_LOG_SCALE = 0.035, 6.0, 0.05
+# Texture waves with periods of 1/6 .. 1/2 of the long side (5 .. 16 px at 32 px) and strong contrast: sub-pixel
+# motion must change the image measurably, or a tiny model learns nothing but zero flow.
+_FREQ_RANGE, _AMP_RANGE = (12.0, 40.0), (0.12, 0.3)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared by the flow and amodal generators: pixel grid, shape poses, inside tests, sinusoid textures
@@ -70,17 +73,26 @@ def shape_masks(coords: np.ndarray, kinds: np.ndarray) -> np.ndarray:
     return metric < 1
 
 
-def sample_textures(rng: np.random.Generator, n: int, max_value: float = 1.0) -> dict:
+def sample_textures(rng: np.random.Generator, n: int, max_value: float = 1.0,
+                    freq_range: tuple[float, float] = (6.0, 25.0), amp_range: tuple[float, float] = (0.08, 0.25)) -> dict:
     """Random two-sinusoid textures for ``n`` layers: wave vectors (n, 2, 2) in radians per long side, phases
-    (n, 2) and a palette (9, n): RGB of the base, of the first wave and of the product of both waves (a soft
-    checker, so the texture is not constant along any direction and flow is recoverable)."""
-    freq = rng.uniform(6.0, 25.0, (n, 2))  # periods of 1/4 .. 1 long side: smooth at 32 px, still informative
+    (n, 2) and a palette (9, n): RGB of the base and of each wave. Two non-parallel waves make the texture vary
+    along every direction, so flow is recoverable (one wave alone has the aperture problem).
+
+    Args:
+        rng: The sample's generator.
+        n: Number of layers.
+        max_value: Colours are clipped to [0, max_value].
+        freq_range: Range of wave frequencies in radians per long side (25 = a period of 1/4 of the image).
+        amp_range: Range of the waves' colour amplitudes.
+    """
+    freq = rng.uniform(*freq_range, (n, 2))
     angle = rng.uniform(0, np.pi, n)
-    angles = np.stack([angle, angle + rng.uniform(0.3, 0.7) * np.pi], -1)  # two non-parallel waves
+    angles = np.stack([angle, angle + rng.uniform(0.3, 0.7, n) * np.pi], -1)  # two non-parallel waves
     base = rng.uniform(0.2, 0.8, (n, 3))
-    amp = rng.uniform(0.08, 0.25, (n, 2, 3)) * rng.choice([-1.0, 1.0], (n, 2, 3))
+    amp = rng.uniform(*amp_range, (n, 2, 3)) * rng.choice([-1.0, 1.0], (n, 2, 3))
     k = freq[..., None] * np.stack([np.cos(angles), np.sin(angles)], -1)
-    palette = np.concatenate([base, amp.reshape(n, 6)], 1).T.astype(np.float32)  # (9, n): base, wave 1, wave 1 x 2
+    palette = np.concatenate([base, amp.reshape(n, 6)], 1).T.astype(np.float32)  # (9, n): base, wave 1, wave 2
     return {"k": k, "phase": rng.uniform(0, 2 * np.pi, (n, 2)), "palette": palette, "max_value": max_value}
 
 
@@ -91,11 +103,10 @@ def texture_rows(tex: dict) -> np.ndarray:
 
 def shade(tex: dict, ids: np.ndarray, args: np.ndarray) -> np.ndarray:
     """Colours (P, 3) in [0, max_value] from each pixel's layer ``ids`` (P,) and its wave arguments (2, P)."""
-    s1 = np.sin(args[0])
-    s12 = s1 * np.sin(args[1])
+    s1, s2 = np.sin(args[0]), np.sin(args[1])
     # Channel-first (9, P) rows keep every operation contiguous; np.take is ~4x faster than fancy indexing here.
     palette = tex["palette"].take(ids, axis=1)
-    rgb = palette[0:3] + palette[3:6] * s1 + palette[6:9] * s12  # (3, P)
+    rgb = palette[0:3] + palette[3:6] * s1 + palette[6:9] * s2  # (3, P)
     return np.clip(rgb, 0.0, tex["max_value"], out=rgb).T
 
 
@@ -130,7 +141,7 @@ def render_flow_pair(rng: np.random.Generator, h: int, w: int) -> dict:
     half_axes = np.concatenate([np.full((1, 2), 1e3), rng.uniform(0.08, 0.3, (L - 1, 2))])
     theta = rng.uniform(0, 2 * np.pi, L)
     kinds = np.concatenate([[1], rng.integers(0, 3, L - 1)])
-    tex = sample_textures(rng, L)
+    tex = sample_textures(rng, L, freq_range=_FREQ_RANGE, amp_range=_AMP_RANGE)
 
     # 2. Motions about each layer's centre: x2 = centre + shift + A (x - centre), A = scale * R(rot).
     is_bg = np.arange(L) == 0

@@ -155,6 +155,8 @@ class PerceptionFinetuning(LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.num_images_logged = num_images_logged
         self.activation_checkpointing, self.noise_seed, self.nonfinite = activation_checkpointing, noise_seed, nonfinite
+        if image_size <= 0:
+            raise ValueError(f"`--model.image_size` must be positive, got {image_size}")
         if image_size % self.codec.downsample:
             raise ValueError(
                 f"`--model.image_size`={image_size} must be a multiple of the codec's downsample factor "
@@ -384,8 +386,8 @@ class PerceptionFinetuning(LightningModule):
                 macs = self.test_macs_per_sample(self._test_image_shapes[task.name], task)
                 record[f"{prefix}compute/test_macs_per_sample"] = macs
         record["inference"] = asdict(self.inference)
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP: all ranks ask
         if self.trainer.is_global_zero:
-            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             atomic_write_json(log_dir / "test_metrics.json", record)
         self.test_results = record
 

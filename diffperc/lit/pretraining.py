@@ -245,7 +245,10 @@ class DiffusionPretraining(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         # The EMA callback's own hook ran first and swapped the averaged weights in, so the grid shows the EMA model.
-        if self.trainer.sanity_checking or self.sampling.num_samples == 0 or not self.trainer.is_global_zero:
+        if self.trainer.sanity_checking or self.sampling.num_samples == 0:
+            return
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP: all ranks ask
+        if not self.trainer.is_global_zero:
             return
         images = self.sample(self.sample_labels())
         self.sample_grid = _grid((images + 1) / 2, self.sampling.columns)  # (3, rows * H, columns * W) in [0, 1]
@@ -256,7 +259,6 @@ class DiffusionPretraining(LightningModule):
         rgb = (self.sample_grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
         if ok:
-            log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             atomic_write_bytes(log_dir / f"samples_step{step}.png", png.tobytes())
 
     # ------------------------------------------------------------------ sampling
