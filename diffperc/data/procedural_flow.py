@@ -14,8 +14,8 @@ from torch.utils.data import Dataset
 from diffperc.data.procedural import SPLITS, _resolution, split_rng
 
 # Motion statistics in units of the image's long side (so every resolution sees the same scenes). FlyingChairs'
-# median flow is about 2% of its 512 px width with a long tail; these give a median of ~2.5% and a 99th percentile
-# of ~12%.
+# median flow is about 2% of its 512 px width with a long tail; these give a median of ~2.6% and a 99th percentile
+# of ~10%.
 _BG_SHIFT, _BG_ROT_DEG, _BG_LOG_SCALE = 0.015, 1.5, 0.02
 _FG_SHIFT, _FG_ROT_DEG, _FG_LOG_SCALE = 0.035, 6.0, 0.05
 # Texture waves with periods of 1/6 .. 1/2 of the long side (5 .. 16 px at 32 px) and strong contrast: sub-pixel
@@ -73,8 +73,13 @@ def shape_masks(coords: np.ndarray, kinds: np.ndarray) -> np.ndarray:
     return metric < 1
 
 
-def sample_textures(rng: np.random.Generator, n: int, max_value: float = 1.0,
-                    freq_range: tuple[float, float] = (6.0, 25.0), amp_range: tuple[float, float] = (0.08, 0.25)) -> dict:
+def sample_textures(
+    rng: np.random.Generator,
+    n: int,
+    max_value: float = 1.0,
+    freq_range: tuple[float, float] = (6.0, 25.0),
+    amp_range: tuple[float, float] = (0.08, 0.25),
+) -> dict:
     """Random two-sinusoid textures for ``n`` layers: wave vectors (n, 2, 2) in radians per long side, phases
     (n, 2) and a palette (9, n): RGB of the base and of each wave. Two non-parallel waves make the texture vary
     along every direction, so flow is recoverable (one wave alone has the aperture problem).
