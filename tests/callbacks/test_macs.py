@@ -122,7 +122,7 @@ def test_macs_counter_resume_continues_the_count(tmp_path):
     assert _macs_calls(logger) == [call({"compute/train_macs": float(k * per_step)}, step=k - 1) for k in (3, 4)]
 
 
-def test_macs_counter_remeasures_every_batch_for_moe_only(tmp_path):
+def test_macs_counter_remeasures_every_batch_only_for_capacity_limited_moe(tmp_path):
     counted = []
 
     def _counting(*args, **kwargs):
@@ -130,7 +130,10 @@ def test_macs_counter_remeasures_every_batch_for_moe_only(tmp_path):
         return count_train_macs(*args, **kwargs)
 
     # A dense network is counted once ("auto": on the meta device unless a module is routed); MoE on every batch.
-    for module, expected in ((_tiny_module(), ["auto"]), (_tiny_module(upcycle=Upcycle(2, 1)), ["same"] * 2)):
+    capped = Upcycle(2, 1, capacity_factor=1.0)  # dropped assignments make the compute depend on routing
+    cases = ((_tiny_module(), ["auto"]), (_tiny_module(upcycle=Upcycle(2, 1)), ["same"]),
+             (_tiny_module(upcycle=capped), ["same"] * 2))
+    for module, expected in cases:
         counted.clear()
         with mock.patch.object(macs_module, "count_train_macs", _counting):
             _trainer(tmp_path, _logger(tmp_path), MACsCounter(), max_steps=2).fit(module, datamodule=_data())
