@@ -155,8 +155,9 @@ def render_depth_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.nda
     return rgb.astype(np.float32), depth.reshape(h, w).astype(np.float32)
 
 
-class ProceduralDepth(Dataset):
-    """Procedural indoor scenes with exact depth; sample ``i`` of a split is the same on every machine.
+class ProceduralDataset(Dataset):
+    """Base of the procedural data sets: validated arguments, and sample ``index`` rendered from
+    ``split_rng(seed, split, index)`` by the subclass's ``sample``, so it is the same on every machine.
 
     Args:
         split: ``train``, ``val`` or ``test``; the splits are independent random streams and never share a scene.
@@ -165,9 +166,8 @@ class ProceduralDepth(Dataset):
         seed: Base seed of the whole data set.
     """
 
-    def __init__(
-        self, split: str = "train", length: int = 10000, resolution: int | tuple[int, int] = 32, seed: int = 0
-    ):
+    def __init__(self, split: str = "train", length: int = 10000, resolution: int | tuple[int, int] = 32,
+                 seed: int = 0):
         if split not in SPLITS:
             raise ValueError(f"Unknown split {split!r} (`split`); choose one of {list(SPLITS)}")
         if length <= 0:
@@ -181,12 +181,29 @@ class ProceduralDepth(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
-        rgb, depth = render_depth_scene(split_rng(self.seed, self.split, index), self.height, self.width)
+        return {"name": f"{self.split}_{index:06d}", **self.sample(split_rng(self.seed, self.split, index), index)}
+
+    def sample(self, rng: np.random.Generator, index: int) -> dict:
+        """The tensors of sample ``index``, drawn from ``rng`` only."""
+        raise NotImplementedError
+
+
+class ProceduralDepth(ProceduralDataset):
+    """Procedural indoor scenes with exact depth; sample ``i`` of a split is the same on every machine.
+
+    Args:
+        split: ``train``, ``val`` or ``test``; the splits are independent random streams and never share a scene.
+        length: Number of samples in the split (the generator can make any number).
+        resolution: Image side in pixels, or (H, W).
+        seed: Base seed of the whole data set.
+    """
+
+    def sample(self, rng: np.random.Generator, index: int) -> dict:
+        rgb, depth = render_depth_scene(rng, self.height, self.width)
         return {
             "image": torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1,  # (3, H, W) in [-1, 1]
             "depth": torch.from_numpy(depth)[None],  # (1, H, W) metres
             "valid_mask": torch.from_numpy(np.isfinite(depth))[None],
-            "name": f"{self.split}_{index:06d}",
         }
 
 

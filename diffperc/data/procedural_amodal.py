@@ -8,9 +8,8 @@ diffperc.data.procedural_amodal`` prints samples/s.
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from diffperc.data.procedural import SPLITS, _resolution, split_rng
+from diffperc.data.procedural import ProceduralDataset
 from diffperc.data.procedural_flow import (
     pick_layer_rows,
     pixel_grid,
@@ -83,7 +82,7 @@ def render_amodal_scene(rng: np.random.Generator, h: int, w: int) -> dict:
     }
 
 
-class ProceduralAmodal(Dataset):
+class ProceduralAmodal(ProceduralDataset):
     """Procedural occluded objects with exact amodal masks; sample ``i`` of a split is the same on every machine.
 
     Samples hold ``image`` (3, H, W) in [-1, 1], ``visible_mask`` float (1, H, W) in {0, 1}, ``whole`` (3, H, W) in
@@ -96,28 +95,13 @@ class ProceduralAmodal(Dataset):
         seed: Base seed of the whole data set.
     """
 
-    def __init__(self, split: str = "train", length: int = 10000, resolution: int | tuple[int, int] = 32,
-                 seed: int = 0):
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r} (`split`); choose one of {list(SPLITS)}")
-        if length <= 0:
-            raise ValueError(f"`length` must be positive, got {length}")
-        self.split, self.length, self.seed = split, length, seed
-        self.height, self.width = _resolution(resolution)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} samples")
-        scene = render_amodal_scene(split_rng(self.seed, self.split, index), self.height, self.width)
+    def sample(self, rng: np.random.Generator, index: int) -> dict:
+        scene = render_amodal_scene(rng, self.height, self.width)
         return {
             "image": torch.from_numpy(scene["image"]).permute(2, 0, 1) * 2 - 1,  # (3, H, W) in [-1, 1]
             "visible_mask": torch.from_numpy(scene["visible_mask"])[None].float(),
             "whole": torch.from_numpy(scene["whole"]).permute(2, 0, 1) * 2 - 1,
             "whole_mask": torch.from_numpy(scene["whole_mask"])[None],
-            "name": f"{self.split}_{index:06d}",
         }
 
 

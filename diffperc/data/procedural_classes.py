@@ -6,9 +6,8 @@ pixels on every machine. Try it: ``python -m diffperc.data.procedural_classes`` 
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from diffperc.data.procedural import SPLITS, _resolution, split_rng
+from diffperc.data.procedural import ProceduralDataset
 
 CLASS_NAMES = ("disc", "square", "triangle", "ring", "cross", "h_stripes", "v_stripes", "diagonal", "checker", "dots")
 
@@ -66,7 +65,7 @@ def render_class_image(label: int, rng: np.random.Generator, h: int, w: int) -> 
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
-class ProceduralClasses(Dataset):
+class ProceduralClasses(ProceduralDataset):
     """Shapes and textures with class labels, generated from (seed, split, index); the pretraining embedded default.
 
     Samples are ``{"image": (3, H, W) float in [-1, 1], "label": int, "name": str}``; sample ``i`` has class
@@ -82,26 +81,20 @@ class ProceduralClasses(Dataset):
 
     def __init__(self, split: str = "train", length: int = 10000, resolution: int | tuple[int, int] = 32,
                  seed: int = 0, num_classes: int = len(CLASS_NAMES)):
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r} (`split`); choose one of {list(SPLITS)}")
-        if length <= 0:
-            raise ValueError(f"`length` must be positive, got {length}")
+        super().__init__(split, length, resolution, seed)
         if not 1 <= num_classes <= len(CLASS_NAMES):
             raise ValueError(f"`num_classes` must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
-        self.split, self.length, self.seed, self.num_classes = split, length, seed, num_classes
-        self.height, self.width = _resolution(resolution)
-
-    def __len__(self) -> int:
-        return self.length
+        self.num_classes = num_classes
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} samples")
-        label = index % self.num_classes
-        rgb = render_class_image(label, split_rng(self.seed, self.split, index), self.height, self.width)
-        return {"image": torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1, "label": label,
-                "name": f"{self.split}_{index:06d}_{CLASS_NAMES[label]}"}
+        sample = super().__getitem__(index)
+        sample["name"] += f"_{CLASS_NAMES[sample['label']]}"
+        return sample
 
+    def sample(self, rng: np.random.Generator, index: int) -> dict:
+        label = index % self.num_classes
+        rgb = render_class_image(label, rng, self.height, self.width)
+        return {"image": torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1, "label": label}
 
 if __name__ == "__main__":
     import time

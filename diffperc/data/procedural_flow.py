@@ -9,9 +9,8 @@ diffperc.data.procedural_flow`` prints samples/s.
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from diffperc.data.procedural import SPLITS, _resolution, split_rng
+from diffperc.data.procedural import ProceduralDataset
 
 # Motion statistics in units of the image's long side (so every resolution sees the same scenes). FlyingChairs'
 # median flow is about 2% of its 512 px width with a long tail; these give a median of ~2.6% and a 99th percentile
@@ -186,7 +185,7 @@ def _homogeneous(maps: np.ndarray) -> np.ndarray:
     return np.concatenate([maps, bottom], 1)
 
 
-class ProceduralFlow(Dataset):
+class ProceduralFlow(ProceduralDataset):
     """Procedural image pairs with exact dense flow; sample ``i`` of a split is the same on every machine.
 
     Samples hold ``image``, ``image2`` (3, H, W) in [-1, 1], ``flow`` (2, H, W) in pixels, ``valid_mask`` (1, H, W)
@@ -200,28 +199,13 @@ class ProceduralFlow(Dataset):
         seed: Base seed of the whole data set.
     """
 
-    def __init__(self, split: str = "train", length: int = 10000, resolution: int | tuple[int, int] = 32,
-                 seed: int = 0):
-        if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r} (`split`); choose one of {list(SPLITS)}")
-        if length <= 0:
-            raise ValueError(f"`length` must be positive, got {length}")
-        self.split, self.length, self.seed = split, length, seed
-        self.height, self.width = _resolution(resolution)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} samples")
-        pair = render_flow_pair(split_rng(self.seed, self.split, index), self.height, self.width)
+    def sample(self, rng: np.random.Generator, index: int) -> dict:
+        pair = render_flow_pair(rng, self.height, self.width)
         return {
             "image": torch.from_numpy(pair["image"]).permute(2, 0, 1) * 2 - 1,  # (3, H, W) in [-1, 1]
             "image2": torch.from_numpy(pair["image2"]).permute(2, 0, 1) * 2 - 1,
             "flow": torch.from_numpy(pair["flow"]).permute(2, 0, 1).contiguous(),  # (2, H, W) pixels
             "valid_mask": torch.ones(1, self.height, self.width, dtype=torch.bool),
-            "name": f"{self.split}_{index:06d}",
         }
 
 
