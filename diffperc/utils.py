@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes."""
+"""Small shared helpers: atomic file writes and in-memory PNG encoding."""
 
 import json
 import os
@@ -27,3 +27,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_json(path: str | Path, obj) -> Path:
     """Writes ``obj`` as indented JSON atomically."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def png_bytes(array) -> bytes:
+    """Encodes an image array (H, W) or (H, W, 3 BGR), uint8 or uint16, as PNG bytes for ``atomic_write_bytes``."""
+    import cv2
+    import numpy as np
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(array))
+    if not ok:
+        raise RuntimeError(f"PNG encoding failed for an array of shape {getattr(array, 'shape', None)}")
+    return buf.tobytes()

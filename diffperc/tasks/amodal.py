@@ -7,7 +7,6 @@ and ``AmodalTask.mask`` thresholds the merged image.
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torchmetrics import MetricCollection
@@ -15,7 +14,7 @@ from torchmetrics import MetricCollection
 from diffperc.metrics.amodal import MaskIoU
 from diffperc.tasks.base import Task
 from diffperc.tasks.depth import colorize_depth
-from diffperc.utils import atomic_write_bytes
+from diffperc.utils import atomic_write_bytes, png_bytes
 
 
 class AmodalTask(Task):
@@ -80,17 +79,11 @@ class AmodalTask(Task):
         whole = ((pred.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         mask = self.mask(pred[None])[0, 0].cpu().numpy().astype(np.uint8) * 255
         paths = [out_dir / f"{stem}_whole.png", out_dir / f"{stem}_mask.png"]
-        atomic_write_bytes(paths[0], _png(whole[..., ::-1]))
-        atomic_write_bytes(paths[1], _png(mask))
+        atomic_write_bytes(paths[0], png_bytes(whole[..., ::-1]))
+        atomic_write_bytes(paths[1], png_bytes(mask))
         if uncertainty is not None:
             paths.append(out_dir / f"{stem}_uncertainty.png")
             spread = uncertainty[0].float().cpu().numpy()
-            atomic_write_bytes(paths[-1], _png(colorize_depth(spread, "magma")[..., ::-1]))
+            atomic_write_bytes(paths[-1], png_bytes(colorize_depth(spread, "magma")[..., ::-1]))
         return paths
 
-
-def _png(array: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(array))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import cv2
 import matplotlib
 import numpy as np
 import torch
@@ -10,7 +9,7 @@ from torchmetrics import MetricCollection
 
 from diffperc.metrics import AbsRel, Delta1
 from diffperc.tasks.base import Task
-from diffperc.utils import atomic_write_bytes
+from diffperc.utils import atomic_write_bytes, png_bytes
 
 
 def colorize_depth(depth: np.ndarray, cmap: str = "Spectral") -> np.ndarray:
@@ -95,21 +94,14 @@ class DepthTask(Task):
         # Affine-invariant depth in [-1, 1] -> [0, 1] for the 16-bit PNG (0 = near end, 65535 = far end).
         unit = np.clip((depth + 1) / 2, 0, 1)
         paths = [out_dir / f"{stem}_depth.png", out_dir / f"{stem}_depth16.png", out_dir / f"{stem}_depth.npy"]
-        atomic_write_bytes(paths[0], _png(colorize_depth(depth)[..., ::-1]))
-        atomic_write_bytes(paths[1], _png((unit * 65535).round().astype(np.uint16)))
+        atomic_write_bytes(paths[0], png_bytes(colorize_depth(depth)[..., ::-1]))
+        atomic_write_bytes(paths[1], png_bytes((unit * 65535).round().astype(np.uint16)))
         atomic_write_bytes(paths[2], _npy(depth))
         if uncertainty is not None:
             u = uncertainty[0].float().cpu().numpy()
             paths.append(out_dir / f"{stem}_uncertainty.png")
-            atomic_write_bytes(paths[-1], _png(colorize_depth(u, "magma")[..., ::-1]))
+            atomic_write_bytes(paths[-1], png_bytes(colorize_depth(u, "magma")[..., ::-1]))
         return paths
-
-
-def _png(array: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(array))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -8,7 +8,6 @@ into the flow.
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from diffperc.data.io import write_flo
 from diffperc.metrics.flow import EPE, OutlierRate
 from diffperc.tasks.base import Task
 from diffperc.tasks.depth import colorize_depth
-from diffperc.utils import atomic_write_bytes
+from diffperc.utils import atomic_write_bytes, png_bytes
 
 
 class FlowTask(Task):
@@ -108,21 +107,15 @@ class FlowTask(Task):
         out_dir.mkdir(parents=True, exist_ok=True)
         flow = pred.float().cpu().numpy()  # (2, H, W)
         paths = [out_dir / f"{stem}_flow.png", out_dir / f"{stem}_flow.flo"]
-        atomic_write_bytes(paths[0], _png(flow_to_color(flow)[..., ::-1]))
+        atomic_write_bytes(paths[0], png_bytes(flow_to_color(flow)[..., ::-1]))
         write_flo(paths[1], flow.transpose(1, 2, 0))
         if uncertainty is not None:
             paths.append(out_dir / f"{stem}_uncertainty.png")
             spread = uncertainty[0].float().cpu().numpy()
-            atomic_write_bytes(paths[-1], _png(colorize_depth(spread, "magma")[..., ::-1]))
+            atomic_write_bytes(paths[-1], png_bytes(colorize_depth(spread, "magma")[..., ::-1]))
         return paths
 
 
 def _fmt(threshold: float) -> str:
     return f"{threshold:g}".replace(".", "p")  # 1.0 -> "1", 0.5 -> "0p5": safe in log keys and file names
 
-
-def _png(array: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(array))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
