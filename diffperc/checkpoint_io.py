@@ -5,10 +5,8 @@ that carries the global RNG states through a checkpoint.
 --trainer.callbacks+=diffperc.checkpoint_io.RNGStateCheckpoint``
 """
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback
+
+from diffperc.utils import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -33,21 +33,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no `storage_options`")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)  # make the rename itself durable
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed before the rename
-            stale.unlink(missing_ok=True)
+        atomic_write(path, lambda f: torch.save(checkpoint, f), clean_stale=True)
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None):
         if weights_only is False:
@@ -88,19 +74,6 @@ def load_error(path, err: BaseException) -> ValueError:
                           f"plain containers, and unpickling them could run code ({detail or 'not weights only'})")
     return ValueError(f"Cannot read checkpoint {path} (`--ckpt_path`): truncated or not a torch checkpoint "
                       f"({type(err).__name__}: {text.splitlines()[0] if text else ''})")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms and file systems cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class RNGStateCheckpoint(Callback):

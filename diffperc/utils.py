@@ -3,25 +3,54 @@
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Writes ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``, so a crash
-    never leaves a half-written file behind."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], clean_stale: bool = False) -> Path:
+    """Calls ``write(f)`` on a temporary file in ``path``'s folder, fsyncs it and ``os.replace``s it onto ``path``, so
+    a crash (SIGKILL, power loss, full disk) never leaves a half-written file: readers see the old file or the new.
+
+    The folder is fsynced too, so the rename itself is durable. ``clean_stale`` also removes the temporary files of
+    earlier writes to ``path`` that were killed before their rename; only for a file with a single writer (a
+    checkpoint), since it would delete another process's write in progress.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+    if clean_stale:
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms and file systems cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:

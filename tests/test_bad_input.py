@@ -15,7 +15,6 @@ from lightning.pytorch import Callback, Trainer
 
 from diffperc.callbacks.nonfinite import NonFiniteGuard
 from diffperc.cli import DiffpercCLI
-from diffperc.codecs import PixelCodec
 from diffperc.data import (
     DIODEDataset,
     FlyingChairsDataset,
@@ -26,11 +25,13 @@ from diffperc.data import (
     ProceduralDepth,
 )
 from diffperc.data.io import read_depth_png, read_flo, read_rgb, write_flo
-from diffperc.diffusion import DiffusionSettings, InferenceSettings
+from diffperc.diffusion import InferenceSettings
 from diffperc.export import export_checkpoint
-from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.lit import PerceptionFinetuning
 from diffperc.models import DiT
 from diffperc.tasks import DepthTask
+
+from helpers import tiny_finetuning
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart" / "depth.yaml"
@@ -276,16 +277,7 @@ def _search(pattern: str, text: str) -> bool:
 
 
 def _tiny_module(cls=PerceptionFinetuning, **kwargs) -> PerceptionFinetuning:
-    return cls(
-        task=DepthTask(min_depth=0.1, max_depth=30.0),
-        codec=PixelCodec(),
-        backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=2),
-        image_size=16,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
-        diffusion=DiffusionSettings(prediction_type="v_prediction"),
-        inference=InferenceSettings(num_steps=1),
-        **kwargs,
-    )
+    return tiny_finetuning(cls=cls, **kwargs)
 
 
 def _trainer(tmp_path: Path, **kwargs) -> Trainer:

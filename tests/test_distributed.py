@@ -7,11 +7,8 @@ never leak between tests. By hand: ``python -m torch.distributed.run --nproc-per
 """
 
 import argparse
-import contextlib
 import copy
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,63 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffperc.codecs import PixelCodec
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.data.sampler import ResumableDataLoader, ResumableSampler
-from diffperc.diffusion import DiffusionSettings, InferenceSettings, training_target
-from diffperc.lit import Backbone, PerceptionFinetuning
-from diffperc.lit.parallel import apply_fsdp2, checkpoint_blocks, draw_noise_and_timesteps
-from diffperc.tasks import DepthTask
+from diffperc.lit import PerceptionFinetuning
+from diffperc.lit.parallel import checkpoint_blocks, draw_noise_and_timesteps
+
+from helpers import run_isolated, tiny_finetuning
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, STEPS, LR = 8, 3, 1e-3
 
 
-class _ParallelFinetuning(PerceptionFinetuning):
-    """PerceptionFinetuning with the two hooks the lead is adding: ``configure_model`` (FSDP2 under
-    ModelParallelStrategy, optional activation checkpointing) and noise from ``draw_noise_and_timesteps``."""
-
-    def __init__(self, *args, activation_checkpointing: bool = False, noise_seed: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.activation_checkpointing, self.noise_seed = activation_checkpointing, noise_seed
-
-    def configure_model(self) -> None:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            apply_fsdp2(self.net, self.device_mesh, activation_checkpointing=self.activation_checkpointing)
-        elif self.activation_checkpointing:
-            checkpoint_blocks(self.net)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        from diffperc.data.sampler import data_parallel_layout
-
-        cond = self.encode_conditions(batch)
-        x0 = self.codec.encode(self.task.encode_target(batch))
-        rank, world = data_parallel_layout(self.trainer)
-        noise, t = draw_noise_and_timesteps(x0, self.noise_scheduler.config.num_train_timesteps, self.noise_seed,
-                                            self.trainer.fit_loop.total_batch_idx, rank, world)
-        xt = self.noise_scheduler.add_noise(x0, noise, t)
-        out = self.net(torch.cat([cond, xt], dim=1), t, self._task_ids(batch))[:, : self.latent_channels]
-        loss = F.mse_loss(out.float(), training_target(self.noise_scheduler, x0, noise, t).float())
-        self.log("train/loss", loss, batch_size=x0.shape[0])
-        return loss
-
-
-def _module(activation_checkpointing: bool = False) -> _ParallelFinetuning:
+def _module(activation_checkpointing: bool = False) -> PerceptionFinetuning:
     torch.manual_seed(0)  # identical initial weights in every process
-    return _ParallelFinetuning(
-        task=DepthTask(min_depth=0.1, max_depth=30.0),
-        codec=PixelCodec(),
-        backbone=Backbone(name="t1", hidden_size=32, depth=2, num_heads=2, patch_size=2),
-        image_size=16,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
-        diffusion=DiffusionSettings(prediction_type="v_prediction"),
-        inference=InferenceSettings(num_steps=1),
-        activation_checkpointing=activation_checkpointing,
-    )
+    return tiny_finetuning(depth=2, lr=LR, activation_checkpointing=activation_checkpointing)
 
 
 def _fit(strategy: str, devices: int, out: Path, seed: int = 0, activation_checkpointing: bool = False) -> None:
@@ -110,24 +64,10 @@ def _torchrun(strategy: str, out: Path, extra: tuple = ()) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(Path(__file__)), "--strategy", strategy, "--out", str(out), *extra]
     start = time.perf_counter()
-    result = _run_isolated(cmd, out.parent, env, timeout=240)
+    result = run_isolated(cmd, out.parent, env, timeout=240)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}"
     return time.perf_counter() - start
 
-
-def _run_isolated(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """Runs ``cmd`` in its own process group and kills the whole group afterwards, so workers it started never
-    outlive the test (not even after a timeout)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.returncode is None:
-            out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 def _assert_same_weights(a: dict, b: dict) -> None:
     # Same samples, same noise, same initial weights: only the summation order of the gradient differs (two halves

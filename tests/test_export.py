@@ -4,27 +4,17 @@ from unittest.mock import Mock
 import torch
 from lightning.pytorch import Trainer
 
-from diffperc.codecs import PixelCodec
 from diffperc.data import PerceptionDataModule, ProceduralDepth
-from diffperc.diffusion import DiffusionSettings, InferenceSettings
 from diffperc.export import export_checkpoint, load_exported
-from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.lit import PerceptionFinetuning
 from diffperc.lit.finetuning import Upcycle
-from diffperc.tasks import DepthTask
 from diffperc.upcycling import upcycle_checkpoint
+
+from helpers import tiny_finetuning
 
 
 def _module(**kw) -> PerceptionFinetuning:
-    return PerceptionFinetuning(
-        task=DepthTask(min_depth=0.1, max_depth=30.0),
-        codec=PixelCodec(),
-        backbone=Backbone(name="t1", hidden_size=32, depth=2, num_heads=2, patch_size=2),
-        image_size=16,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
-        diffusion=DiffusionSettings(prediction_type="v_prediction"),
-        inference=InferenceSettings(num_steps=1),
-        **kw,
-    )
+    return tiny_finetuning(depth=2, lr=3e-3, **kw)
 
 
 def _fit(module, tmp_path, steps=3, logger=False):

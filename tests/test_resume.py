@@ -2,7 +2,6 @@
 resumed with ``--ckpt_path last``, ends with the same weights, EMA, optimizer, LR schedule, step and data order as a
 run that was never interrupted; plus the atomic writer, the RNG-state callback and the resumable loader alone."""
 
-import contextlib
 import io
 import os
 import random
@@ -18,6 +17,8 @@ from lightning.pytorch import Callback
 
 from diffperc.checkpoint_io import AtomicCheckpointIO, RNGStateCheckpoint
 from diffperc.data.sampler import ResumableDataLoader, ResumableSampler
+
+from helpers import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart" / "depth.yaml"
@@ -87,22 +88,8 @@ def _fit(run_dir: Path, *extra_args: str, kill_at: int | None = None) -> subproc
     override.write_text(OVERRIDE.format(max_steps=MAX_STEPS, save_dir=run_dir, extra_callbacks=extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     cmd = [sys.executable, "-m", "diffperc", "fit", "--config", str(QUICKSTART), "--config", str(override), *extra_args]
-    return _run_isolated(cmd, run_dir, env, timeout=300)
+    return run_isolated(cmd, run_dir, env, timeout=300)
 
-
-def _run_isolated(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """Runs ``cmd`` in its own process group and kills the whole group afterwards, so workers it started never
-    outlive the test (not even after a timeout)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if proc.returncode is None:
-            out, err = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -19,6 +19,11 @@ def _resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
+def signed_chw(rgb: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) float image in [0, 1] as the (3, H, W) tensor in [-1, 1] that every sample holds."""
+    return torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1
+
+
 def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator for one sample. Distinct (seed, split, index) give independent streams, so splits never share
     a scene: the split is part of the seed sequence, not an offset into one stream."""
@@ -201,18 +206,7 @@ class ProceduralDepth(ProceduralDataset):
     def sample(self, rng: np.random.Generator, index: int) -> dict:
         rgb, depth = render_depth_scene(rng, self.height, self.width)
         return {
-            "image": torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1,  # (3, H, W) in [-1, 1]
+            "image": signed_chw(rgb),  # (3, H, W) in [-1, 1]
             "depth": torch.from_numpy(depth)[None],  # (1, H, W) metres
             "valid_mask": torch.from_numpy(np.isfinite(depth))[None],
         }
-
-
-if __name__ == "__main__":
-    import time
-
-    for res in (32, 64):
-        ds = ProceduralDepth("train", length=2000, resolution=res)
-        start = time.perf_counter()
-        for i in range(1000):
-            ds[i]
-        print(f"{res} px: {1000 / (time.perf_counter() - start):.0f} samples/s")

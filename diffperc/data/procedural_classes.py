@@ -5,9 +5,8 @@ pixels on every machine. Try it: ``python -m diffperc.data.procedural_classes`` 
 """
 
 import numpy as np
-import torch
 
-from diffperc.data.procedural import ProceduralDataset
+from diffperc.data.procedural import ProceduralDataset, signed_chw
 
 CLASS_NAMES = ("disc", "square", "triangle", "ring", "cross", "h_stripes", "v_stripes", "diagonal", "checker", "dots")
 
@@ -94,14 +93,4 @@ class ProceduralClasses(ProceduralDataset):
     def sample(self, rng: np.random.Generator, index: int) -> dict:
         label = index % self.num_classes
         rgb = render_class_image(label, rng, self.height, self.width)
-        return {"image": torch.from_numpy(rgb).permute(2, 0, 1) * 2 - 1, "label": label}
-
-if __name__ == "__main__":
-    import time
-
-    for res in (32, 64):
-        ds = ProceduralClasses("train", length=2000, resolution=res)
-        start = time.perf_counter()
-        for i in range(1000):
-            ds[i]
-        print(f"{res} px: {1000 / (time.perf_counter() - start):.0f} samples/s")
+        return {"image": signed_chw(rgb), "label": label}

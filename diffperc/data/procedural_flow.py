@@ -10,7 +10,7 @@ diffperc.data.procedural_flow`` prints samples/s.
 import numpy as np
 import torch
 
-from diffperc.data.procedural import ProceduralDataset
+from diffperc.data.procedural import ProceduralDataset, signed_chw
 
 # Motion statistics in units of the image's long side (so every resolution sees the same scenes). FlyingChairs'
 # median flow is about 2% of its 512 px width with a long tail; these give a median of ~2.6% and a 99th percentile
@@ -202,22 +202,15 @@ class ProceduralFlow(ProceduralDataset):
     def sample(self, rng: np.random.Generator, index: int) -> dict:
         pair = render_flow_pair(rng, self.height, self.width)
         return {
-            "image": torch.from_numpy(pair["image"]).permute(2, 0, 1) * 2 - 1,  # (3, H, W) in [-1, 1]
-            "image2": torch.from_numpy(pair["image2"]).permute(2, 0, 1) * 2 - 1,
+            "image": signed_chw(pair["image"]),  # (3, H, W) in [-1, 1]
+            "image2": signed_chw(pair["image2"]),
             "flow": torch.from_numpy(pair["flow"]).permute(2, 0, 1).contiguous(),  # (2, H, W) pixels
             "valid_mask": torch.ones(1, self.height, self.width, dtype=torch.bool),
         }
 
 
 if __name__ == "__main__":
-    import time
-
-    for res in (32, 64):
-        ds = ProceduralFlow("train", length=2000, resolution=res)
-        start = time.perf_counter()
-        for i in range(1000):
-            ds[i]
-        print(f"{res} px: {1000 / (time.perf_counter() - start):.0f} samples/s")
+    ds = ProceduralFlow("train", length=200, resolution=64)  # samples/s: benchmarks/bench_data.py
     mags = np.concatenate([ds[i]["flow"].norm(dim=0).flatten().numpy() for i in range(200)]) / 64
     q = np.percentile(mags, [50, 90, 99])
     print(f"flow magnitude / image side: median {q[0]:.3f}, 90% {q[1]:.3f}, 99% {q[2]:.3f}")

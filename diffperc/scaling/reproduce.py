@@ -28,8 +28,9 @@ Verdict rule, per metric (both are errors, so the claim is that they fall):
 - a power-law claim fits metric = a * x^b (least squares in log space, 95% Student-t interval on b): it holds if
   the whole interval is below 0, does not hold if the whole interval is above 0, and is inconclusive if the
   interval contains 0 (or the fit cannot be made);
-- upcycling also needs the upcycled runs to beat the dense continuation of the same backbone on average (mean of
-  1 - upcycled / dense): a mean below 0 makes it "does not hold" whatever b says;
+- upcycling also compares each upcycled run with the dense continuation of the same backbone by
+  d = log(upcycled / dense): it holds only if the 95% t-interval of the mean d is below 0 (upcycling wins) and the
+  fit holds, does not hold if that interval is above 0 (dense wins) whatever b says, else inconclusive;
 - cosine vs linear compares the two schedules at each tested step count by d = log(cosine / linear): it holds if
   the 95% t-interval of the mean d is below 0, does not hold if it is above 0, else inconclusive.
 A claim holds if it holds on every metric and does not hold if it does not hold on every metric; otherwise it is
@@ -83,18 +84,29 @@ def judge_decreasing(rows: Sequence[Mapping], metric: str, x: str) -> Verdict:
     return Verdict(_interval_verdict(*fit.b_ci), measured, _fit_text(fit))
 
 
+def _mean_interval(d: Sequence[float]) -> tuple[float, float, float]:
+    """The mean of ``d`` and its 95% Student-t interval (infinite for a single value)."""
+    d = np.asarray(d, dtype=float)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+    mean = float(d.mean())
+    return mean, mean - half, mean + half
+
+
 def judge_upcycling(rows: Sequence[Mapping], metric: str) -> Verdict:
-    """Upcycled runs scale with total compute (power-law rule) and beat their dense continuation on average."""
+    """Upcycled runs beat their dense continuation (log-ratio interval below 0) and scale with total compute."""
     dense = {r.get("model.backbone.name"): _num(r, metric) for r in rows if r.get("model.upcycle", 0) is None}
     upcycled = [r for r in rows if r.get("model.upcycle.num_experts") is not None]
-    gains = [1 - _num(r, metric) / dense[r.get("model.backbone.name")] for r in upcycled
-             if _num(r, metric) and dense.get(r.get("model.backbone.name"))]
+    d = [math.log(_num(r, metric) / dense[r.get("model.backbone.name")]) for r in upcycled
+         if _num(r, metric) and dense.get(r.get("model.backbone.name"))]
     scaling = judge_decreasing(upcycled, metric, "compute/total_train_macs")
-    if not gains:
+    if not d:
         return Verdict(UNSURE, "no upcycled run with a dense control", scaling.fit)
-    mean = float(np.mean(gains))
-    verdict = FAILS if mean < 0 else scaling.verdict
-    measured = f"mean gain over dense {100 * mean:+.1f}% ({len(gains)} runs); {scaling.measured}"
+    mean, low, high = _mean_interval(d)
+    versus_dense = _interval_verdict(low, high)
+    verdict = versus_dense if versus_dense == FAILS or scaling.verdict == versus_dense else UNSURE
+    gain = lambda v: 100 * (1 - math.exp(v))  # log-ratio -> % lower error than dense
+    measured = (f"mean gain over dense {gain(mean):+.1f}% [{gain(high):+.1f}%, {gain(low):+.1f}%] ({len(d)} runs); "
+                f"{scaling.measured}")
     return Verdict(verdict, measured, scaling.fit)
 
 
@@ -109,14 +121,13 @@ def judge_cosine(rows: Sequence[Mapping], metric: str) -> Verdict:
     if len(steps) < 2:
         return Verdict(UNSURE, f"{len(steps)} step counts with both schedules (need 2)", "-")
     d = np.log([by[("squaredcos_cap_v2", s)] / by[("linear", s)] for s in steps])
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.inf
-    mean = float(d.mean())
+    mean, low, high = _mean_interval(d)
     others = ", ".join(f"{sched} {np.mean([by[(sched, s)] for s in steps if (sched, s) in by]):.4g}"
                        for sched in ("linear", "scaled_linear", "squaredcos_cap_v2")
                        if any((sched, s) in by for s in steps))
     measured = f"mean over steps {steps}: {others}"
-    fit = f"mean log(cos/lin) = {mean:.3g} [{mean - half:.3g}, {mean + half:.3g}], n = {len(d)}"
-    return Verdict(_interval_verdict(mean - half, mean + half), measured, fit)
+    fit = f"mean log(cos/lin) = {mean:.3g} [{low:.3g}, {high:.3g}], n = {len(d)}"
+    return Verdict(_interval_verdict(low, high), measured, fit)
 
 
 def _decreasing(x: str) -> Callable[[Sequence[Mapping], str], Verdict]:
@@ -161,7 +172,7 @@ def _markdown(results: list, wall_s: float) -> str:
         "# diffperc reproduce-tiny: the paper's seven claims at CPU scale",
         "",
         f"Every sweep under `sweeps/tiny/` on procedural depth, pixel space, tiny DiTs; total wall time "
-        f"{wall_s / 60:.1f} min. Metrics: AbsRel and delta1 error (1 - delta1) on 128 test scenes.",
+        f"{wall_s / 60:.1f} min. Metrics: AbsRel and delta1 error (1 - delta1) on 256 test scenes.",
         "",
         "| # | claim | the paper | predicts here | measured (AbsRel) | fit (AbsRel) | verdict |",
         "|---|---|---|---|---|---|---|",

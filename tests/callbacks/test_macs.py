@@ -6,27 +6,16 @@ from lightning.pytorch import Callback, Trainer
 
 from diffperc.callbacks import macs as macs_module
 from diffperc.callbacks.macs import MACsCounter
-from diffperc.codecs import PixelCodec
 from diffperc.compute import count_train_macs
 from diffperc.data import PerceptionDataModule, ProceduralDepth
-from diffperc.diffusion import DiffusionSettings, InferenceSettings
 from diffperc.lit import Backbone, PerceptionFinetuning
 from diffperc.lit.finetuning import Upcycle
-from diffperc.tasks import DepthTask
+
+from helpers import tiny_finetuning
 
 
 def _tiny_module(**kw) -> PerceptionFinetuning:
-    return PerceptionFinetuning(
-        task=DepthTask(min_depth=0.1, max_depth=30.0),
-        codec=PixelCodec(),
-        backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=4),
-        image_size=16,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
-        diffusion=DiffusionSettings(prediction_type="v_prediction"),
-        inference=InferenceSettings(num_steps=1),
-        num_images_logged=0,
-        **kw,
-    )
+    return tiny_finetuning(patch_size=4, num_images_logged=0, **kw)
 
 
 def _data() -> PerceptionDataModule:

@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from diffperc.cli import DiffpercCLI
-from diffperc.codecs import PixelCodec
 from diffperc.data import PerceptionDataModule, ProceduralDepth
-from diffperc.diffusion import DiffusionSettings, InferenceSettings
-from diffperc.lit import Backbone, PerceptionFinetuning
-from diffperc.tasks import DepthTask
+from diffperc.diffusion import InferenceSettings
+from diffperc.lit import PerceptionFinetuning
+
+from helpers import tiny_finetuning
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "depth.yaml"
 TINY_ARGS = [
@@ -56,16 +56,7 @@ class _LossRecorder(Callback):
 
 
 def _tiny_module(**kw) -> PerceptionFinetuning:
-    kw.setdefault("inference", InferenceSettings(num_steps=1))
-    return PerceptionFinetuning(
-        task=DepthTask(min_depth=0.1, max_depth=30.0),
-        codec=PixelCodec(),
-        backbone=Backbone(name="t1", hidden_size=32, depth=2, num_heads=2, patch_size=2),
-        image_size=16,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
-        diffusion=DiffusionSettings(prediction_type="v_prediction"),
-        **kw,
-    )
+    return tiny_finetuning(depth=2, lr=3e-3, **kw)
 
 
 def test_finetuning_input_is_widened_for_the_condition():

@@ -3,24 +3,16 @@ import json
 import torch
 from lightning.pytorch import Trainer
 
-from diffperc.codecs import PixelCodec
 from diffperc.data import MultiTaskDataModule, ProceduralAmodal, ProceduralDepth, ProceduralFlow
-from diffperc.diffusion import DiffusionSettings, InferenceSettings
-from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.lit import PerceptionFinetuning
 from diffperc.models.router import PatchEmbedRouter
 from diffperc.tasks import AmodalTask, DepthTask, FlowTask
 
+from helpers import tiny_finetuning
+
 
 def _generalist() -> PerceptionFinetuning:
-    return PerceptionFinetuning(
-        task=[DepthTask(min_depth=0.1, max_depth=30.0), FlowTask(), AmodalTask()],
-        codec=PixelCodec(),
-        backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=4),
-        image_size=16,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
-        diffusion=DiffusionSettings(prediction_type="v_prediction"),
-        inference=InferenceSettings(num_steps=1),
-    )
+    return tiny_finetuning([DepthTask(min_depth=0.1, max_depth=30.0), FlowTask(), AmodalTask()], patch_size=4)
 
 
 def test_generalist_routes_inputs_by_task_and_uses_task_rows():

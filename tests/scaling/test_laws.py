@@ -91,13 +91,21 @@ def test_reproduce_verdict_follows_the_sign_of_b_and_its_interval():
 
 
 def test_reproduce_cosine_and_upcycling_rules():
-    from diffperc.scaling.reproduce import FAILS, HOLDS, judge_cosine, judge_upcycling
+    from diffperc.scaling.reproduce import FAILS, HOLDS, UNSURE, judge_cosine, judge_upcycling
 
     rows = [{"model.diffusion.beta_schedule": sched, "model.inference.num_steps": s, "m": base * s**-0.1}
             for s in (1, 2, 5, 10) for sched, base in (("linear", 0.3), ("squaredcos_cap_v2", 0.25 + 0.001 * s))]
     assert judge_cosine(rows, "m").verdict == HOLDS  # cosine is 13-16% lower at every step count
-    up = [{"model.backbone.name": "t1", "model.upcycle": None, "m": 0.2}]
-    up += [{"model.backbone.name": "t1", "model.upcycle.num_experts": e, "compute/total_train_macs": c, "m": m}
-           for e, c, m in ((4, 1e9, 0.21), (8, 2e9, 0.205), (16, 4e9, 0.202))]
-    verdict = judge_upcycling(up, "m")
-    assert verdict.verdict == FAILS and "mean gain over dense -2.8%" in verdict.measured  # -(5 + 2.5 + 1) / 3 %
+    def upcycling_rows(errors):
+        rows = [{"model.backbone.name": "t1", "model.upcycle": None, "m": 0.2}]
+        return rows + [{"model.backbone.name": "t1", "model.upcycle.num_experts": e, "compute/total_train_macs": c,
+                        "m": m} for e, c, m in zip((4, 8, 16), (1e9, 2e9, 4e9), errors)]
+
+    # Dense wins by 5, 4.75 and 4.5%: the interval of the mean log-ratio is above 0, whatever the (falling) fit says.
+    verdict = judge_upcycling(upcycling_rows((0.21, 0.2095, 0.209)), "m")
+    assert verdict.verdict == FAILS, verdict.measured
+    assert verdict.measured.startswith("mean gain over dense -4.7% [-5.4%, -4.1%] (3 runs)")  # log-mean 1 - 1.0475
+    # Upcycling wins by 2.25, 2.5 and 2.75% and error falls with compute: holds.
+    assert judge_upcycling(upcycling_rows((0.1955, 0.195, 0.1945)), "m").verdict == HOLDS
+    # Losses of 5%, 2.5% and 1%: the t-interval over three runs (t = 4.3) straddles 0, so no verdict either way.
+    assert judge_upcycling(upcycling_rows((0.21, 0.205, 0.202)), "m").verdict == UNSURE

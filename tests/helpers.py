@@ -1,0 +1,55 @@
+"""Builders shared by the tests: a tiny fine-tuning module, a quiet CPU Trainer and an isolated subprocess runner.
+
+Importable as ``helpers`` from any test (pytest puts ``tests/`` on ``sys.path`` through its conftest).
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+
+from diffperc.codecs import PixelCodec
+from diffperc.diffusion import DiffusionSettings, InferenceSettings
+from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.tasks import DepthTask
+
+
+def tiny_finetuning(task=None, *, depth: int = 1, patch_size: int = 2, lr: float = 1e-3, cls=PerceptionFinetuning,
+                    **kwargs) -> PerceptionFinetuning:
+    """A t1-width DiT (32 wide, 2 heads) on 16 px pixel-space depth (or ``task``), v-prediction, one DDIM step."""
+    kwargs.setdefault("inference", InferenceSettings(num_steps=1))
+    return cls(
+        task=DepthTask(min_depth=0.1, max_depth=30.0) if task is None else task,
+        codec=PixelCodec(),
+        backbone=Backbone(name="t1", hidden_size=32, depth=depth, num_heads=2, patch_size=patch_size),
+        image_size=16,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+        diffusion=DiffusionSettings(prediction_type="v_prediction"),
+        **kwargs,
+    )
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary, unless ``kwargs`` says otherwise."""
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+    return Trainer(**{**defaults, **kwargs})
+
+
+def run_isolated(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Runs ``cmd`` in its own process group and kills the whole group afterwards, so workers it started never
+    outlive the test (not even after a timeout)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.returncode is None:
+            out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
