@@ -31,7 +31,7 @@ from diffperc.lit import PerceptionFinetuning
 from diffperc.models import DiT
 from diffperc.tasks import DepthTask
 
-from helpers import tiny_finetuning
+from helpers import quiet_trainer, tiny_finetuning
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart" / "depth.yaml"
@@ -281,8 +281,7 @@ def _tiny_module(cls=PerceptionFinetuning, **kwargs) -> PerceptionFinetuning:
 
 
 def _trainer(tmp_path: Path, **kwargs) -> Trainer:
-    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, **kwargs)
+    return quiet_trainer(limit_val_batches=0, default_root_dir=tmp_path, **kwargs)
 
 
 def test_predict_skips_an_unreadable_image_and_keeps_the_others(tmp_path):

@@ -2,7 +2,6 @@ import json
 from unittest.mock import Mock
 
 import torch
-from lightning.pytorch import Trainer
 
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.export import export_checkpoint, load_exported
@@ -10,7 +9,7 @@ from diffperc.lit import PerceptionFinetuning
 from diffperc.lit.finetuning import Upcycle
 from diffperc.upcycling import upcycle_checkpoint
 
-from helpers import tiny_finetuning
+from helpers import quiet_trainer, tiny_finetuning
 
 
 def _module(**kw) -> PerceptionFinetuning:
@@ -18,16 +17,8 @@ def _module(**kw) -> PerceptionFinetuning:
 
 
 def _fit(module, tmp_path, steps=3, logger=False):
-    trainer = Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-    )
+    trainer = quiet_trainer(max_steps=steps, logger=logger, enable_checkpointing=True, limit_val_batches=0,
+                            default_root_dir=tmp_path, log_every_n_steps=1)
     trainer.fit(module, datamodule=PerceptionDataModule(train=ProceduralDepth("train", 64, 16), batch_size=4))
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)

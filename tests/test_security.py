@@ -5,7 +5,9 @@ exports are safetensors, and nothing passes values through a shell."""
 import ast
 import json
 import pathlib
+import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,11 @@ from lightning.pytorch import Trainer
 
 from diffperc.checkpoint_io import AtomicCheckpointIO
 from diffperc.cli import DiffpercCLI
-from diffperc.codecs import PixelCodec
 from diffperc.export import export_checkpoint
 from diffperc.lit import Backbone, PerceptionFinetuning
 from diffperc.tasks import DepthTask
+
+from helpers import tiny_finetuning
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "diffperc"
@@ -35,8 +38,7 @@ class _Payload:
 
 
 def _tiny_module() -> PerceptionFinetuning:
-    return PerceptionFinetuning(task=DepthTask(), codec=PixelCodec(), image_size=16,
-                                backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=2))
+    return tiny_finetuning(task=DepthTask())
 
 
 @pytest.fixture
@@ -49,10 +51,26 @@ def evil(tmp_path) -> tuple[Path, Path]:
     return path, marker
 
 
-def test_malicious_checkpoint_really_runs_code_without_weights_only(evil):
-    path, marker = evil  # proves the fixture has teeth: the refusals below are what keeps the marker away
-    torch.load(path, weights_only=False)
+def test_malicious_checkpoint_carries_a_payload_that_runs_code(evil):
+    # Proves the fixture has teeth, without ever unpickling the checkpoint unsafely: its pickle record calls the
+    # payload's global, and unpickling that payload creates the marker. The refusals below keep the marker away.
+    path, marker = evil
+    with zipfile.ZipFile(path) as archive:
+        record = archive.read(next(name for name in archive.namelist() if name.endswith("/data.pkl")))
+    assert b"touch" in record
+    pickle.loads(pickle.dumps(_Payload(marker)))
     assert marker.exists()
+
+
+def test_tests_and_benchmarks_load_checkpoints_weights_only_too():
+    offenders = []
+    for file in sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("torch.load"):
+                value = {k.arg: k.value for k in node.keywords}.get("weights_only")
+                if not (isinstance(value, ast.Constant) and value.value is True):
+                    offenders.append(f"{file.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
 
 
 def test_every_checkpoint_load_in_the_package_is_weights_only():

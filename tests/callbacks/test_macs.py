@@ -11,7 +11,7 @@ from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.lit import Backbone, PerceptionFinetuning
 from diffperc.lit.finetuning import Upcycle
 
-from helpers import tiny_finetuning
+from helpers import quiet_trainer, tiny_finetuning
 
 
 def _tiny_module(**kw) -> PerceptionFinetuning:
@@ -31,17 +31,8 @@ def _logger(tmp_path) -> Mock:
 
 
 def _trainer(tmp_path, logger, callback, **kw) -> Trainer:
-    kw = {"max_steps": 5, "enable_checkpointing": False, "log_every_n_steps": 1, **kw}
-    return Trainer(
-        accelerator="cpu",
-        logger=logger,
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+    kw = {"max_steps": 5, "log_every_n_steps": 1, **kw}
+    return quiet_trainer(logger=logger, callbacks=[callback], limit_val_batches=0, default_root_dir=tmp_path, **kw)
 
 
 def _counter(trainer: Trainer) -> MACsCounter:

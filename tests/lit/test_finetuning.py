@@ -5,14 +5,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 
 from diffperc.cli import DiffpercCLI
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.diffusion import InferenceSettings
 from diffperc.lit import PerceptionFinetuning
 
-from helpers import tiny_finetuning
+from helpers import quiet_trainer, tiny_finetuning
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "depth.yaml"
 TINY_ARGS = [
@@ -69,17 +69,7 @@ def test_seeded_20_step_fit_loss_falls(tmp_path):
     torch.manual_seed(0)
     recorder = _LossRecorder()
     dm = PerceptionDataModule(train=ProceduralDepth("train", 400, 16), batch_size=16)
-    trainer = Trainer(
-        max_steps=20,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=20, callbacks=[recorder], limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(_tiny_module(), datamodule=dm)
     assert len(recorder.losses) == 20
     first, last = np.mean(recorder.losses[:5]), np.mean(recorder.losses[-5:])

@@ -1,14 +1,13 @@
 import json
 
 import torch
-from lightning.pytorch import Trainer
 
 from diffperc.data import MultiTaskDataModule, ProceduralAmodal, ProceduralDepth, ProceduralFlow
 from diffperc.lit import PerceptionFinetuning
 from diffperc.models.router import PatchEmbedRouter
 from diffperc.tasks import AmodalTask, DepthTask, FlowTask
 
-from helpers import tiny_finetuning
+from helpers import quiet_trainer, tiny_finetuning
 
 
 def _generalist() -> PerceptionFinetuning:
@@ -42,17 +41,7 @@ def test_generalist_trains_on_mixed_batches_and_reports_every_task(tmp_path):
     original = module._groups
     module._groups = lambda batch: seen.append(sorted(batch)) or original(batch)
     route_before = [r.proj.weight.detach().clone() for r in module.net.x_embedder.routes]
-    trainer = Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        limit_test_batches=1,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, limit_test_batches=1, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
     assert any(len(tasks) == 3 for tasks in seen)  # a batch held all three tasks
     assert all(not torch.equal(r.proj.weight, b) for r, b in zip(module.net.x_embedder.routes, route_before))

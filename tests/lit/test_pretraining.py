@@ -3,7 +3,7 @@
 import cv2
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -13,6 +13,8 @@ from diffperc.lit.pretraining import DiffusionPretraining, EMASettings, Sampling
 from diffperc.models import DiT, build_model
 from diffperc.models.pretrained import load_pretrained
 from diffperc.tasks import DepthTask
+
+from helpers import quiet_trainer
 
 TINY = dict(name="t1", patch_size=4, hidden_size=32, depth=1, num_heads=2)
 DECAY = 0.5
@@ -47,9 +49,9 @@ def fitted(tmp_path_factory):
     torch.manual_seed(0)
     module = _module()
     recorder = _RawWeights()
-    trainer = Trainer(max_steps=5, default_root_dir=root, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=5, limit_val_batches=1,
-                      callbacks=[recorder, ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)])
+    trainer = quiet_trainer(max_steps=5, default_root_dir=root, enable_checkpointing=True, num_sanity_val_steps=0,
+                            val_check_interval=5, limit_val_batches=1,
+                            callbacks=[recorder, ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)])
     train = DataLoader(ProceduralClasses("train", 64, 16), batch_size=8, shuffle=True)
     val = DataLoader(ProceduralClasses("val", 8, 16), batch_size=8)
     trainer.fit(module, train, val)
@@ -174,9 +176,9 @@ def test_pretraining_checkpoint_leaves_out_the_vae_and_resumes(tmp_path):
         module = DiffusionPretraining(codec=VAECodec(str(tmp_path / "vae")), image_size=16,
                                       backbone=Backbone("t1", patch_size=2, hidden_size=32, depth=1, num_heads=2),
                                       ema=EMASettings(decay=0.9))
-        trainer = Trainer(max_steps=max_steps, default_root_dir=tmp_path, accelerator="cpu", logger=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                          callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+        trainer = quiet_trainer(max_steps=max_steps, default_root_dir=tmp_path, enable_checkpointing=True,
+                                limit_val_batches=0,
+                                callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
         trainer.fit(module, DataLoader(ProceduralClasses("train", 32, 16), batch_size=4), ckpt_path=ckpt_path)
         return module, trainer
 
