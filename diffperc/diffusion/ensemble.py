@@ -143,7 +143,8 @@ def _fit_alignment(
         height, width = small.shape[-2:]
         size = (height * max_res // max(height, width), width * max_res // max(height, width))
         small = F.interpolate(small, size=size, mode="nearest-exact")
-    small = small.reshape(num_members, -1)  # (N, P)
+    with torch.inference_mode(False):  # an ordinary copy even under inference mode, so autograd may save it below
+        small = small.reshape(num_members, -1).clone()  # (N, P)
 
     # 2. Initialise each member's scale and shift so its min and max land on lo and hi.
     small_min, small_max = small.amin(dim=1), small.amax(dim=1)
@@ -151,9 +152,11 @@ def _fit_alignment(
     param0 = torch.cat([scale, lo - scale * small_min]).numpy()
 
     def cost_and_grad(param: np.ndarray) -> tuple[float, np.ndarray]:
-        param = torch.from_numpy(param).requires_grad_(True)
-        cost = _alignment_cost(param, small, lo, hi, reduction, regularizer_strength)
-        (grad,) = torch.autograd.grad(cost, param)
+        # Lightning runs validate/test/predict under inference mode (no autograd): switch it back on for the fit only.
+        with torch.inference_mode(False), torch.enable_grad():
+            param = torch.from_numpy(param).requires_grad_(True)
+            cost = _alignment_cost(param, small, lo, hi, reduction, regularizer_strength)
+            (grad,) = torch.autograd.grad(cost, param)
         return cost.item(), grad.numpy()
 
     # 3. A few BFGS steps from the min-max initialisation with the exact (autograd) gradient.

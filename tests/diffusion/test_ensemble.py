@@ -158,3 +158,35 @@ def test_ensemble_median_compilation_matches_diffusers(reduction, monkeypatch):
     # 3. End to end with noise and 2 BFGS steps the two differ only by diffusers' float32 finite-difference gradient
     # (measured here: 8.9e-3 for median, 1.6e-4 for mean; 2e-3 to 7e-3 for median on other seeds at noise 0.01).
     assert (ours - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_ensemble_median_compilation_runs_without_autograd(mode):
+    # Lightning runs validate, test and predict under torch.inference_mode(); the BFGS fit must switch autograd back
+    # on locally and give exactly what it gives with gradients enabled.
+    depth = 1.0 + torch.rand(2, 1, 24, 40, generator=torch.Generator().manual_seed(10))
+    members = _perturbed_copies(depth, 4, noise=0.03, seed=11)
+    expected, expected_unc = ensemble(members, "median_compilation")
+    context = torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
+    with context:
+        merged, unc = ensemble(members.clone(), "median_compilation")
+    torch.testing.assert_close(merged, expected, rtol=0, atol=0)
+    torch.testing.assert_close(unc, expected_unc, rtol=0, atol=0)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+@pytest.mark.skipif(_NO_TRANSFORMERS, reason="diffusers' Marigold pipeline module imports transformers")
+def test_ensemble_median_compilation_agrees_with_diffusers_under_inference_mode():
+    from diffusers.pipelines.marigold.pipeline_marigold_depth import MarigoldDepthPipeline
+
+    depth = torch.rand(1, 1, 40, 64, generator=torch.Generator().manual_seed(12))
+    members = _perturbed_copies(depth, 5, 0.03, 13)[:, 0]  # (N, 1, H, W), values around [0, 1]
+    with torch.inference_mode():
+        ref, _ = MarigoldDepthPipeline.ensemble_depth(members, output_uncertainty=True)
+        ours, _ = ensemble(members, "median_compilation")  # in the members' own units
+    # After an affine fit of ours onto diffusers' (both are affine-invariant), within 2% of the range.
+    a = torch.stack([ours.flatten(), torch.ones(ours.numel())], dim=1).double()
+    coef = torch.linalg.lstsq(a, ref.flatten().double()[:, None]).solution
+    aligned = (a @ coef).flatten()
+    err = (aligned - ref.flatten().double()).abs().max().item() / (ref.max() - ref.min()).item()
+    assert err < 0.02, err
