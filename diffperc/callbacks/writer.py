@@ -1,5 +1,9 @@
-"""Writes ``diffperc predict`` outputs: one set of files per input, named after the input; inputs that could not be
-read are skipped and listed in ``skipped.txt`` beside the outputs."""
+"""Writes ``diffperc predict`` outputs: one set of files per input, named after the input (``<name>`` of a flow pair),
+at the input's original size; inputs that could not be read are skipped and listed in ``skipped.txt`` beside them.
+
+Per input: depth ``_depth.png`` (colours), ``_depth16.png``, ``_depth.npy`` and, for ensembles, ``_uncertainty.png``;
+flow ``_flow.flo`` (pixels) and ``_flow.png`` (colours); amodal ``_whole.png`` and ``_mask.png`` (0/255).
+"""
 
 from pathlib import Path
 
@@ -54,7 +58,10 @@ class PredictionWriter(BasePredictionWriter):
                 p = pl_module.task.resize_prediction(p[..., :h, :w], size)
                 if u is not None:
                     u = F.interpolate(u[..., :h, :w].float(), size=size, mode="bilinear", align_corners=False)
-            self.written += pl_module.task.save_prediction(p[0], None if u is None else u[0], out_dir, Path(name).stem)
+            # `.name`, not `.stem`: names carry no extension, and `.stem` would cut `frame.001` and `frame.002` to
+            # one `frame`, so the second input's files would overwrite the first's.
+            stem = Path(name).name
+            self.written += pl_module.task.save_prediction(p[0], None if u is None else u[0], out_dir, stem)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.written:

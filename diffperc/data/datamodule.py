@@ -95,10 +95,15 @@ class PerceptionDataModule(LightningDataModule):
 def folder_loader(
     datamodule: LightningDataModule, images: str, resolution: int, multiple: int, num_workers: int = 0
 ) -> DataLoader:
-    """A loader over a folder of user inputs in the layout of the model's (predict) task: single images for depth,
-    consecutive frame pairs for flow, image + ``_mask`` pairs for amodal."""
-    trainer = getattr(datamodule, "_trainer", None)
-    task = getattr(getattr(trainer, "lightning_module", None), "task", None)
-    folder = ImageFolder(images, resolution, multiple, layout=getattr(task, "predict_layout", "single"))
+    """A loader over a folder of user inputs in the layout (``predict_layout``) of the task that the trainer's model
+    predicts: single images for depth, frame pairs for flow, image + ``_mask`` pairs for amodal."""
+    trainer = datamodule.trainer  # set by Lightning before it asks for loaders; None outside a run
+    task = getattr(trainer.lightning_module, "task", None) if trainer is not None else None
+    if task is None:
+        raise ValueError(
+            "`--data.images` is read in the layout of the model's task, but the trainer holds no model with a `task` "
+            "(run `diffperc predict` with a fine-tuning model, e.g. `diffperc.lit.PerceptionFinetuning`)"
+        )
+    folder = ImageFolder(images, resolution, multiple, layout=task.predict_layout)
     # Inputs keep their aspect ratio, so sizes differ: one input per batch.
     return DataLoader(folder, batch_size=1, num_workers=num_workers)

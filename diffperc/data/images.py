@@ -2,10 +2,17 @@
 sizes needed to undo both recorded in each sample. An unreadable file becomes a placeholder sample carrying its
 ``error``, so one bad file is reported and skipped by the writer instead of ending the whole run.
 
-Layouts (a task's ``predict_layout``): ``single`` (depth: every image), ``pairs`` (flow: consecutive images in name
-order, frame i and i + 1), ``masks`` (amodal: ``<name>.png`` with its visible-object mask ``<name>_mask.png``).
+Layouts (a task's ``predict_layout``): ``single`` (depth: every image), ``pairs`` (flow: frame 1 and frame 2, see
+below), ``masks`` (amodal: ``<name>.png`` with its visible-object mask ``<name>_mask.png``).
+
+Flow pairs: if any image is named ``<name>_1.<ext>`` / ``<name>_2.<ext>`` or ``<name>_img1.<ext>`` /
+``<name>_img2.<ext>`` (FlyingChairs), the folder holds independent named pairs: each ``<name>`` is one sample, and
+a first frame without its second (or the reverse) or an image that is not part of a pair is an error naming the
+file. Otherwise the folder is one video: consecutive images in name order, frames i and i + 1, named
+``<frame i>_<frame i + 1>``.
 """
 
+import re
 from pathlib import Path
 
 import cv2
@@ -16,10 +23,53 @@ from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 LAYOUTS = ("single", "pairs", "masks")
+# `<name>_1` / `<name>_2` or `<name>_img1` / `<name>_img2`: the named frames of one flow pair.
+_NAMED_FRAME = re.compile(r"(?P<name>.+)_(?P<marker>img)?(?P<frame>[12])")
 
 
 class _Unreadable(Exception):
     pass
+
+
+def flow_pairs(files: list[Path]) -> list[tuple[str, tuple[Path, Path]]]:
+    """(sample name, (frame 1, frame 2)) of the images ``files`` (sorted by name), by the rule in the module docstring.
+
+    Raises:
+        ValueError: named pairs with a frame missing, a frame given twice, or an image outside the pairs.
+    """
+    named: dict[tuple[str, str], dict[str, Path]] = {}
+    others = []
+    for path in files:
+        match = _NAMED_FRAME.fullmatch(path.stem)
+        if match is None:
+            others.append(path)
+            continue
+        frames = named.setdefault((match["name"], match["marker"] or ""), {})
+        if match["frame"] in frames:
+            raise ValueError(f"`--data.images`: {frames[match['frame']]} and {path} are the same flow frame; keep one")
+        frames[match["frame"]] = path
+    if not named:  # one video: consecutive frames
+        return [(f"{a.stem}_{b.stem}", (a, b)) for a, b in zip(files[:-1], files[1:])]
+    if others:
+        raise ValueError(
+            f"`--data.images` holds named flow pairs (`<name>_1`/`<name>_2` or `<name>_img1`/`<name>_img2`), so every "
+            f"image must belong to one; {others[0]} does not (a folder of video frames must not use those suffixes)"
+        )
+    pairs = []
+    for (name, marker), frames in sorted(named.items()):
+        for have, want in (("1", "2"), ("2", "1")):
+            if want not in frames:
+                raise ValueError(
+                    f"`--data.images`: {frames[have]} has no `{name}_{marker}{want}.<ext>` beside it "
+                    "(a named flow pair needs both frames)"
+                )
+        pairs.append((name, (frames["1"], frames["2"])))
+    seen: dict[str, Path] = {}
+    for name, (first, _) in pairs:  # `a_1` and `a_img1` would both write `a_flow.*`
+        if name in seen:
+            raise ValueError(f"`--data.images`: {seen[name]} and {first} both name the pair `{name}`; rename one")
+        seen[name] = first
+    return pairs
 
 
 class ImageFolder(Dataset):
@@ -29,7 +79,7 @@ class ImageFolder(Dataset):
         root: Folder of images (``--data.images``).
         resolution: Processing resolution: the long edge after resizing.
         multiple: Pad height and width up to a multiple of this (the codec factor x the patch size).
-        layout: ``single``, ``pairs`` or ``masks`` (see the module docstring).
+        layout: ``single``, ``pairs`` or ``masks`` (the task's ``predict_layout``; see the module docstring).
     """
 
     def __init__(self, root: str, resolution: int = 32, multiple: int = 8, layout: str = "single"):
@@ -45,11 +95,11 @@ class ImageFolder(Dataset):
             missing = [p.name for p in images if p.stem not in masks]
             if missing:
                 raise ValueError(f"`--data.images` {self.root}: no `<name>_mask.png` for {missing[:5]}")
-            self.items = [(p, masks[p.stem]) for p in images]
+            self.items = [(p.stem, (p, masks[p.stem])) for p in images]
         elif layout == "pairs":
-            self.items = list(zip(files[:-1], files[1:]))
+            self.items = flow_pairs(files)
         else:
-            self.items = [(p,) for p in files]
+            self.items = [(p.stem, (p,)) for p in files]
         if not self.items:
             need = "two or more images" if layout == "pairs" else "images"
             raise ValueError(f"`--data.images` folder {self.root} holds no {need} ({', '.join(IMAGE_SUFFIXES)})")
@@ -79,8 +129,7 @@ class ImageFolder(Dataset):
         return F.pad(out.float()[None], (0, -w % self.multiple, 0, -h % self.multiple), mode="replicate")[0]
 
     def __getitem__(self, index: int) -> dict:
-        paths = self.items[index]
-        name = paths[0].stem if self.layout != "pairs" else f"{paths[0].stem}_{paths[1].stem}"
+        name, paths = self.items[index]
         try:
             first = self._read(paths[0], cv2.IMREAD_COLOR)
             h0, w0 = first.shape[:2]

@@ -214,10 +214,12 @@ class MultiTaskDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """``--data.images`` in the predict task's layout, else the predict task's test set
         (``--model.predict_task``, default the first task)."""
-        module = getattr(getattr(self, "_trainer", None), "lightning_module", None)
-        name = getattr(getattr(module, "task", None), "name", self.names[0])
         if self.images:
             return folder_loader(self, self.images, self.predict_resolution, self.predict_multiple, self.num_workers)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        name = getattr(getattr(module, "task", None), "name", self.names[0])
         if self.test_sets is None:
             raise ValueError("`diffperc predict` needs `--data.images` or `--data.test` (one data set per task)")
+        if name not in self.names:
+            raise ValueError(f"The model predicts `{name}`, which is not one of `--data.names` {self.names}")
         return self._eval_loaders(self.test_sets, "test")[self.names.index(name)]

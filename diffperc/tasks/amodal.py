@@ -13,7 +13,6 @@ from torchmetrics import MetricCollection
 
 from diffperc.metrics.amodal import MaskIoU
 from diffperc.tasks.base import Task
-from diffperc.tasks.depth import colorize_depth
 from diffperc.utils import atomic_write_bytes, png_bytes
 
 
@@ -71,19 +70,15 @@ class AmodalTask(Task):
         errors = torch.cat([pm, pm & gm, gm], dim=1).float()  # R = predicted, G = hit, B = true
         return torch.cat([to01(batch["image"]), to01(batch["whole"]), to01(pred), errors], dim=3)  # (N, 3, H, 4W)
 
-    def save_prediction(self, pred: torch.Tensor, uncertainty: torch.Tensor | None, out_dir: Path,
-                        stem: str) -> list[Path]:
-        """Writes ``<stem>_whole.png`` (the completed object on white), ``<stem>_mask.png`` (0/255) and, for
-        ensembles, ``<stem>_uncertainty.png``."""
+    def save_prediction(
+        self, pred: torch.Tensor, uncertainty: torch.Tensor | None, out_dir: Path, stem: str
+    ) -> list[Path]:
+        """Writes ``<stem>_whole.png`` (the completed object on white) and ``<stem>_mask.png`` (the amodal mask,
+        0/255). ``uncertainty`` is not written."""
         out_dir = Path(out_dir)
         whole = ((pred.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         mask = self.mask(pred[None])[0, 0].cpu().numpy().astype(np.uint8) * 255
         paths = [out_dir / f"{stem}_whole.png", out_dir / f"{stem}_mask.png"]
-        atomic_write_bytes(paths[0], png_bytes(whole[..., ::-1]))
+        atomic_write_bytes(paths[0], png_bytes(whole[..., ::-1]))  # RGB -> BGR for OpenCV
         atomic_write_bytes(paths[1], png_bytes(mask))
-        if uncertainty is not None:
-            paths.append(out_dir / f"{stem}_uncertainty.png")
-            spread = uncertainty[0].float().cpu().numpy()
-            atomic_write_bytes(paths[-1], png_bytes(colorize_depth(spread, "magma")[..., ::-1]))
         return paths
-

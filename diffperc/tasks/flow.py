@@ -17,7 +17,6 @@ from diffperc.data.flowviz import flow_to_color
 from diffperc.data.io import write_flo
 from diffperc.metrics.flow import EPE, OutlierRate
 from diffperc.tasks.base import Task
-from diffperc.tasks.depth import colorize_depth
 from diffperc.utils import atomic_write_bytes, png_bytes
 
 
@@ -36,11 +35,12 @@ class FlowTask(Task):
 
     name = "flow"
     num_conditions = 2
-    #: ``diffperc predict --data.images``: consecutive frames i, i + 1
+    #: ``diffperc predict --data.images``: named pairs or consecutive frames (``diffperc.data.images``)
     predict_layout = "pairs"
 
-    def __init__(self, max_flow: float = 8.0, outlier_thresholds: tuple[float, ...] = (1.0, 3.0, 5.0),
-                 reducer: str = "median"):
+    def __init__(
+        self, max_flow: float = 8.0, outlier_thresholds: tuple[float, ...] = (1.0, 3.0, 5.0), reducer: str = "median"
+    ):
         if max_flow <= 0:
             raise ValueError(f"`task.max_flow` must be positive (pixels), got {max_flow}")
         self.max_flow = float(max_flow)
@@ -99,23 +99,20 @@ class FlowTask(Task):
         to_t = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
         return torch.cat([rgb, to_t(gt), to_t(pr)], dim=3)
 
-    def save_prediction(self, pred: torch.Tensor, uncertainty: torch.Tensor | None, out_dir: Path,
-                        stem: str) -> list[Path]:
-        """Writes ``<stem>_flow.png`` (Middlebury colours, scaled to this flow's largest vector), ``<stem>_flow.flo``
-        and, for ensembles, ``<stem>_uncertainty.png``."""
+    def save_prediction(
+        self, pred: torch.Tensor, uncertainty: torch.Tensor | None, out_dir: Path, stem: str
+    ) -> list[Path]:
+        """Writes ``<stem>_flow.png`` (Middlebury colours, scaled to this flow's largest vector) and
+        ``<stem>_flow.flo`` ((u, v) in pixels of ``pred``, which the writer has resized and rescaled to the input's
+        original size). ``uncertainty`` is not written."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)  # write_flo needs the folder
         flow = pred.float().cpu().numpy()  # (2, H, W)
         paths = [out_dir / f"{stem}_flow.png", out_dir / f"{stem}_flow.flo"]
-        atomic_write_bytes(paths[0], png_bytes(flow_to_color(flow)[..., ::-1]))
+        atomic_write_bytes(paths[0], png_bytes(flow_to_color(flow)[..., ::-1]))  # RGB -> BGR for OpenCV
         write_flo(paths[1], flow.transpose(1, 2, 0))
-        if uncertainty is not None:
-            paths.append(out_dir / f"{stem}_uncertainty.png")
-            spread = uncertainty[0].float().cpu().numpy()
-            atomic_write_bytes(paths[-1], png_bytes(colorize_depth(spread, "magma")[..., ::-1]))
         return paths
 
 
 def _fmt(threshold: float) -> str:
     return f"{threshold:g}".replace(".", "p")  # 1.0 -> "1", 0.5 -> "0p5": safe in log keys and file names
-

@@ -121,7 +121,7 @@ def test_flow_save_prediction_writes_color_png_and_flo(tmp_path):
     task = FlowTask()
     pred = torch.randn(2, 6, 10)
     paths = task.save_prediction(pred, torch.rand(1, 6, 10), tmp_path / "out", "pair")
-    assert [p.name for p in paths] == ["pair_flow.png", "pair_flow.flo", "pair_uncertainty.png"]
+    assert [p.name for p in paths] == ["pair_flow.png", "pair_flow.flo"]
     np.testing.assert_array_equal(read_flo(paths[1]), pred.numpy().transpose(1, 2, 0))
     assert all(p.stat().st_size > 0 for p in paths)
 
