@@ -334,9 +334,18 @@ _SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (115
 # The tiny ladder for CPU sweeps: width 64 * i, depth 2 * i, 4 heads.
 _TINY = {f"t{i}": (64 * i, 2 * i, 4, 4) for i in range(1, 7)}
 
-# The a1..a6 ladder for GPU-scale size sweeps (paper §3.1): width and depth grow linearly from DiT-S's (384, 12) to
-# DiT-XL's (1152, 28) with 16 heads throughout; widths are rounded to a multiple of the head count.
-_LADDER = {f"a{i}": (16 * round(24 + 9.6 * (i - 1)), round(12 + 3.2 * (i - 1)), 16, 2) for i in range(1, 7)}
+# The a1..a6 ladder for GPU-scale size sweeps (paper §3.1, Table 1): width and depth grow together with 16 heads and
+# patch 2 throughout. a2..a5 are the paper authors' released models; a1 and a6 were not released and are extrapolated
+# by the paper's rule: depth +4 per step (a1 = 12, a6 = 32), widths that keep 16 heads, continuing a2..a4's +256 steps
+# down to a1 = 256 and a4 -> a5's +512 step up to a6 = 2048.
+_LADDER = {
+    "a1": (256, 12, 16, 2),  # extrapolated
+    "a2": (512, 16, 16, 2),
+    "a3": (768, 20, 16, 2),
+    "a4": (1024, 24, 16, 2),
+    "a5": (1536, 28, 16, 2),
+    "a6": (2048, 32, 16, 2),  # extrapolated
+}
 
 DiT_models = {
     f"DiT-{s}/{p}": dict(hidden_size=d, depth=n, num_heads=h, patch_size=p)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from diffperc.compute import macs_per_sample
 from diffperc.models import DiT, DiT_models, build_model, sincos_pos_embed, widen_input_projection
 
 
@@ -73,11 +74,48 @@ def test_tiny_ladder_is_width_64i_depth_2i_4_heads():
     assert sum(p.numel() for p in t2.parameters()) == _param_formula(128, 4, 4, 3, 3, rows=1, tokens=64)
 
 
-def test_a_ladder_spans_dit_s_to_dit_xl_with_constant_heads():
-    widths = [DiT_models[f"a{i}"]["hidden_size"] for i in range(1, 7)]
-    depths = [DiT_models[f"a{i}"]["depth"] for i in range(1, 7)]
-    assert widths == [384, 544, 688, 848, 992, 1152] and depths == [12, 15, 18, 22, 25, 28]
-    assert {DiT_models[f"a{i}"]["num_heads"] for i in range(1, 7)} == {16}
+def _forward_macs(D, L, p, c_in, c_out, tokens, mlp_ratio=4):
+    """Forward MACs of one sample: matmuls, convolution and attention (as diffperc.compute counts them)."""
+    h = int(D * mlp_ratio)
+    # adaLN once per sample; per token qkv, out proj and the MLP; attention QK^T and AV.
+    block = 6 * D * D + tokens * (3 * D * D + D * D + 2 * D * h) + 2 * tokens * tokens * D
+    return tokens * c_in * p * p * D + 256 * D + D * D + L * block + 2 * D * D + tokens * D * p * p * c_out
+
+
+# The paper authors' released a2..a5 and the extrapolated a1, a6 (diffperc/models/dit.py): (width, depth), exact
+# parameters and forward MACs per image at 256 px (32x32x4 VAE latents, 1000 classes + null row, learn_sigma).
+_A_LADDER = {
+    "a1": (256, 12, 14_799_392, 2_826_698_752),
+    "a2": (512, 16, 77_208_608, 13_991_018_496),
+    "a3": (768, 20, 215_539_232, 38_334_234_624),
+    "a4": (1024, 24, 458_102_816, 80_697_622_528),
+    "a5": (1536, 28, 1_199_213_600, 208_997_056_512),
+    "a6": (2048, 32, 2_432_692_256, 421_750_374_400),
+}
+
+
+@pytest.mark.parametrize("name", list(_A_LADDER))
+def test_a_ladder_matches_released_sizes_and_exact_params(name):
+    width, depth, params, macs = _A_LADDER[name]
+    cfg = DiT_models[name]
+    assert (cfg["hidden_size"], cfg["depth"], cfg["num_heads"], cfg["patch_size"]) == (width, depth, 16, 2)
+    assert _param_formula(width, depth, 2, 4, 8, rows=1001, tokens=256) == params
+    assert _forward_macs(width, depth, 2, 4, 8, tokens=256) == macs
+    with torch.device("meta"):
+        model = build_model(name)  # defaults: 32x32x4 latents, 1000 classes, learn_sigma
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_a_ladder_steps_depth_by_4_and_counted_macs_match():
+    assert [DiT_models[f"a{i}"]["depth"] for i in range(1, 7)] == list(range(12, 33, 4))
+    assert DiT_models["a4"] == DiT_models["DiT-L/2"]  # the released a4 has DiT-L/2's shape
+    # Counting every preset takes seconds; the smallest and a4 check the formula (tests/test_compute.py checks it on
+    # tiny DiTs and DiT-XL/2). a4: the DiT paper's 80.7 Gflops (multiply-adds) for DiT-L/2 at 256 px.
+    for name in ("a1", "a4"):
+        with torch.device("meta"):
+            model = build_model(name)
+        assert macs_per_sample(model, 32, 4) == _A_LADDER[name][3]
+    assert round(_A_LADDER["a4"][3] / 1e9, 1) == 80.7
 
 
 def test_build_model_rejects_unknown_preset_naming_the_flag():
