@@ -2,7 +2,9 @@
 
 Each class sets only what differs: depth decoding, the valid-mask rule and the depth range, following Marigold's
 ``src/dataset/*_dataset.py`` and ``config/dataset_depth/*.yaml`` (https://github.com/prs-eth/Marigold). Samples have
-the same format as `HypersimDataset`: `image`, `depth` (metres), `valid_mask`, `name`.
+the same format as `HypersimDataset`: `image`, `depth` (metres), `valid_mask`, `name`. These are evaluation sets, so
+`native_gt` is on by default: a resized sample also holds its ground truth at the native size (`depth_native`,
+`valid_native`), where it is scored.
 """
 
 import os
@@ -35,6 +37,7 @@ class NYUv2Dataset(DepthListDataset):
         min_depth: float = 1e-3,
         max_depth: float = 10.0,
         eigen_crop: bool = True,
+        native_gt: bool = True,
     ) -> None:
         """Reads and validates the filename list.
 
@@ -45,8 +48,10 @@ class NYUv2Dataset(DepthListDataset):
             min_depth: depths at or below this (metres) are invalid.
             max_depth: depths at or above this (metres) are invalid.
             eigen_crop: also invalidate pixels outside the Eigen crop (rows 45:471, cols 41:601), as Marigold does.
+            native_gt: when resized, also return the native-size ground truth (`depth_native`, `valid_native`) to
+                score at, as Marigold does.
         """
-        super().__init__(root, filename_list, resolution, min_depth, max_depth)
+        super().__init__(root, filename_list, resolution, min_depth, max_depth, native_gt)
         self.eigen_crop = eigen_crop
 
     def _valid_mask(self, depth: np.ndarray, fields: list[str]) -> np.ndarray:
@@ -91,6 +96,7 @@ class KITTIDataset(DepthListDataset):
         max_depth: float = 80.0,
         benchmark_crop: bool = True,
         eval_crop: str | None = "eigen",
+        native_gt: bool = True,
     ) -> None:
         """Reads and validates the filename list.
 
@@ -102,10 +108,12 @@ class KITTIDataset(DepthListDataset):
             max_depth: depths at or above this (metres) are invalid.
             benchmark_crop: cut image and depth to the bottom-centre 352x1216 window, as Marigold does.
             eval_crop: "eigen" (Marigold's test setting), "garg", or None for no evaluation crop.
+            native_gt: when resized, also return the native-size ground truth (`depth_native`, `valid_native`) to
+                score at, as Marigold does.
         """
         if eval_crop is not None and eval_crop not in self._EVAL_CROPS:
             raise ValueError(f"`eval_crop` must be one of {list(self._EVAL_CROPS)} or None, got {eval_crop!r}")
-        super().__init__(root, filename_list, resolution, min_depth, max_depth)
+        super().__init__(root, filename_list, resolution, min_depth, max_depth, native_gt)
         self.benchmark_crop = benchmark_crop
         self.eval_crop = eval_crop
 
@@ -148,6 +156,7 @@ class ETH3DDataset(DepthListDataset):
         resolution: Resolution = None,
         min_depth: float = 1e-5,
         max_depth: float = float("inf"),
+        native_gt: bool = True,
     ) -> None:
         """Reads and validates the filename list.
 
@@ -157,8 +166,10 @@ class ETH3DDataset(DepthListDataset):
             resolution: output size: an int side (square), an (H, W) pair, or None to keep 4032x6048.
             min_depth: depths at or below this (metres) are invalid.
             max_depth: depths at or above this (metres) are invalid (Marigold: no upper limit).
+            native_gt: when resized, also return the native-size ground truth (`depth_native`, `valid_native`) to
+                score at, as Marigold does.
         """
-        super().__init__(root, filename_list, resolution, min_depth, max_depth)
+        super().__init__(root, filename_list, resolution, min_depth, max_depth, native_gt)
 
     def _read_depth(self, path: Path, image_hw: tuple[int, int]) -> np.ndarray:
         if not path.is_file():
@@ -187,6 +198,7 @@ class ScanNetDataset(DepthListDataset):
         resolution: Resolution = None,
         min_depth: float = 1e-3,
         max_depth: float = 10.0,
+        native_gt: bool = True,
     ) -> None:
         """Reads and validates the filename list.
 
@@ -196,8 +208,10 @@ class ScanNetDataset(DepthListDataset):
             resolution: output size: an int side (square), an (H, W) pair, or None to keep 480x640.
             min_depth: depths at or below this (metres) are invalid.
             max_depth: depths at or above this (metres) are invalid.
+            native_gt: when resized, also return the native-size ground truth (`depth_native`, `valid_native`) to
+                score at, as Marigold does.
         """
-        super().__init__(root, filename_list, resolution, min_depth, max_depth)
+        super().__init__(root, filename_list, resolution, min_depth, max_depth, native_gt)
 
 
 class DIODEDataset(DepthListDataset):
@@ -219,6 +233,7 @@ class DIODEDataset(DepthListDataset):
         resolution: Resolution = None,
         min_depth: float = 0.6,
         max_depth: float = 350.0,
+        native_gt: bool = True,
     ) -> None:
         """Reads and validates the filename list.
 
@@ -229,8 +244,10 @@ class DIODEDataset(DepthListDataset):
             min_depth: the data set's smallest depth (metres), for clipping predictions; the mask file decides
                 validity.
             max_depth: the data set's largest depth (metres), for clipping predictions.
+            native_gt: when resized, also return the native-size ground truth (`depth_native`, `valid_native`) to
+                score at, as Marigold does.
         """
-        super().__init__(root, filename_list, resolution, min_depth, max_depth)
+        super().__init__(root, filename_list, resolution, min_depth, max_depth, native_gt)
 
     @staticmethod
     def _load_npy(path: Path, what: str) -> np.ndarray:

@@ -67,6 +67,11 @@ def _image_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 127.5 - 1.0
 
 
+def _depth_tensor(depth: np.ndarray) -> torch.Tensor:
+    """float (H, W) metres -> float32 (1, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None]
+
+
 def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
     """bool (H, W) -> bool (1, H, W)."""
     return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.bool_))[None]
@@ -124,6 +129,12 @@ class DepthListDataset(Dataset):
     in metres, `valid_mask` bool (1, H, W) and `name`. When `resolution` is set, depth and mask are resized with
     nearest-neighbour sampling, so no depth is blended with invalid (zero) neighbours and the mask still marks
     exactly the pixels that hold a measurement.
+
+    For evaluation (`native_gt`), a resized sample also holds the ground truth at its native size (after any crop):
+    `depth_native` (1, H0, W0) and `valid_native` (1, H0, W0). `DepthTask.update_metrics` then upsamples the
+    prediction to it and scores there, as Marigold's protocol does. A batch stacks them, so its samples need one
+    native size: true of Hypersim, NYUv2, ScanNet, DIODE and benchmark-cropped KITTI; otherwise evaluate with
+    `--data.eval_batch_size 1`.
     """
 
     depth_scale = 1000.0  # stored units per metre for PNG depth (millimetres)
@@ -136,6 +147,7 @@ class DepthListDataset(Dataset):
         resolution: int | tuple[int, int] | None = None,
         min_depth: float = 1e-5,
         max_depth: float = float("inf"),
+        native_gt: bool = False,
     ) -> None:
         """Reads and validates the filename list; files themselves are checked when a sample is loaded.
 
@@ -145,6 +157,8 @@ class DepthListDataset(Dataset):
             resolution: output size: an int side (square), an (H, W) pair, or None to keep the original size.
             min_depth: depths at or below this (metres) are invalid.
             max_depth: depths at or above this (metres) are invalid.
+            native_gt: when resized, also return `depth_native` and `valid_native` at the original size, so
+                evaluation scores there (for val/test sets; training does not need them).
         """
         super().__init__()
         self.root = _existing_dir(Path(root), "Data root")
@@ -152,6 +166,7 @@ class DepthListDataset(Dataset):
             raise ValueError(f"`min_depth` ({min_depth}) must be below `max_depth` ({max_depth})")
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
         self.resolution = _parse_resolution(resolution)
+        self.native_gt = native_gt
         self.filename_list = Path(filename_list)
         self.entries = [f for f in _read_filename_list(self.filename_list, self.num_paths) if self._keep_entry(f)]
         if not self.entries:
@@ -183,16 +198,20 @@ class DepthListDataset(Dataset):
             raise ValueError(f"Depth {depth_path} holds NaN or infinite values")
         rgb, depth = self._crop(rgb, rgb_path), self._crop(depth, depth_path)
         valid = self._valid_mask(depth, fields)
-        if self.resolution is not None:
+        native = None
+        if self.resolution is not None and self.resolution != depth.shape:
+            if self.native_gt:
+                native = {"depth_native": _depth_tensor(depth), "valid_native": _mask_tensor(valid)}
             rgb = resize_image(rgb, self.resolution)
             depth = _resize_nearest(depth, self.resolution)
             valid = _resize_nearest(valid, self.resolution)
-        return {
+        sample = {
             "image": _image_tensor(rgb),
-            "depth": torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))[None],
+            "depth": _depth_tensor(depth),
             "valid_mask": _mask_tensor(valid),
             "name": _name_from_path(fields[0]),
         }
+        return {**sample, **native} if native else sample
 
 
 class HypersimDataset(DepthListDataset):
@@ -210,6 +229,7 @@ class HypersimDataset(DepthListDataset):
         resolution: int | tuple[int, int] | None = None,
         min_depth: float = 1e-5,
         max_depth: float = 65.0,
+        native_gt: bool = False,
     ) -> None:
         """Reads and validates the filename list.
 
@@ -219,8 +239,10 @@ class HypersimDataset(DepthListDataset):
             resolution: output size: an int side (square), an (H, W) pair, or None to keep 768x1024.
             min_depth: depths at or below this (metres) are invalid; stored zeros always are.
             max_depth: depths at or above this (metres) are invalid (Marigold: 65 m).
+            native_gt: when resized, also return the 768x1024 ground truth (`depth_native`, `valid_native`) so
+                depth is scored at its native size, as in Marigold; set it for the val and test sets.
         """
-        super().__init__(root, filename_list, resolution, min_depth, max_depth)
+        super().__init__(root, filename_list, resolution, min_depth, max_depth, native_gt)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchmetrics import MetricCollection
 
 from diffperc.metrics import AbsRel, Delta1
@@ -46,9 +47,9 @@ class DepthTask(Task):
             raise ValueError(f"`task.min_depth` must be >= 0 and < `task.max_depth`, got {min_depth}, {max_depth}")
         self.min_depth, self.max_depth, self.quantiles, self.reducer = min_depth, max_depth, tuple(quantiles), reducer
 
-    def _valid(self, batch: dict) -> torch.Tensor:
-        d = batch["depth"]
-        return batch["valid_mask"].bool() & (d > self.min_depth) & (d < self.max_depth)
+    def _valid(self, batch: dict, native: bool = False) -> torch.Tensor:
+        d, mask = (batch["depth_native"], batch["valid_native"]) if native else (batch["depth"], batch["valid_mask"])
+        return mask.bool() & (d > self.min_depth) & (d < self.max_depth)
 
     def encode_target(self, batch: dict) -> torch.Tensor:
         depth, valid = batch["depth"], self._valid(batch)
@@ -74,7 +75,16 @@ class DepthTask(Task):
         )
 
     def update_metrics(self, metrics: MetricCollection, pred: torch.Tensor, batch: dict) -> None:
-        metrics.update(pred, batch["depth"], self._valid(batch))
+        """Scores at the ground truth's native size when the reader resized it (``depth_native``, ``valid_native``):
+        the prediction is resized there bilinearly (antialiased, as Marigold's pipeline does) before alignment;
+        otherwise it is scored at the working grid (procedural data, or a reader that kept the native size)."""
+        if "depth_native" not in batch:
+            metrics.update(pred, batch["depth"], self._valid(batch))
+            return
+        target = batch["depth_native"]
+        size = tuple(target.shape[-2:])
+        pred = F.interpolate(pred.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        metrics.update(pred, target.float(), self._valid(batch, native=True))
 
     def baseline(self, batch: dict) -> torch.Tensor:
         """A constant prediction: after alignment it is each image's mean valid depth."""

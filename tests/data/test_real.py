@@ -74,6 +74,22 @@ def test_hypersim_dataset_resize_keeps_depth_values_and_mask_consistent(tmp_path
     assert HypersimDataset(root, listing, resolution=3)[0]["depth"].shape == (1, 3, 3)
 
 
+def test_hypersim_dataset_native_gt_returns_original_depth_and_mask(tmp_path):
+    depth_mm = np.arange(1, 4 * 6 + 1, dtype=np.uint16).reshape(4, 6) * 250
+    depth_mm[0, 0] = 0  # missing, and not among the pixels the 2x3 grid samples (rows 1, 3; columns 1, 3, 5)
+    root, listing = _hypersim(tmp_path, depth_mm)
+    sample = HypersimDataset(root, listing, resolution=(2, 3), native_gt=True)[0]
+    assert sample["valid_mask"][0].all()
+    torch.testing.assert_close(sample["depth"][0], torch.from_numpy(depth_mm[1::2, 1::2] / 1000).float())
+    torch.testing.assert_close(sample["depth_native"][0], torch.from_numpy(depth_mm / 1000).float())
+    assert sample["valid_native"].dtype == torch.bool and sample["valid_native"].shape == (1, 4, 6)
+    assert sample["valid_native"].sum().item() == 23 and not sample["valid_native"][0, 0, 0]
+    # Training reads (the default) and reads at the native size carry no second copy.
+    assert "depth_native" not in HypersimDataset(root, listing, resolution=(2, 3))[0]
+    assert "depth_native" not in HypersimDataset(root, listing, native_gt=True)[0]
+    assert "depth_native" not in HypersimDataset(root, listing, resolution=(4, 6), native_gt=True)[0]
+
+
 def test_hypersim_dataset_rejects_8bit_depth(tmp_path):
     root, listing = _hypersim(tmp_path, np.full((2, 3), 9, np.uint8))
     with pytest.raises(ValueError, match=r"depth_plane_cam_00_fr0000\.png.*16-bit"):
@@ -343,6 +359,11 @@ def test_kitti_dataset_benchmark_and_eigen_crop(tmp_path):
     assert garg.sum().item() == (349 - 143) * (1172 - 43)  # rows int(0.40810811 * 352) = 143 to 349
     no_crop = KITTIDataset(tmp_path, listing, eval_crop=None)[0]["valid_mask"]
     assert no_crop.sum().item() == 352 * 1216 - 1
+    # Evaluation sets return the ground truth at its native size by default: for KITTI, the benchmark window.
+    half = KITTIDataset(tmp_path, listing, resolution=(176, 608))[0]
+    assert half["depth"].shape == (1, 176, 608) and half["depth_native"].shape == (1, 352, 1216)
+    torch.testing.assert_close(half["valid_native"], sample["valid_mask"])
+    torch.testing.assert_close(half["depth_native"], sample["depth"])
     with pytest.raises(ValueError, match="`eval_crop`"):
         KITTIDataset(tmp_path, listing, eval_crop="zhou")
 
@@ -370,6 +391,11 @@ def test_scannet_dataset_range(tmp_path):
     listing = _eval_set(tmp_path, "s/color/000.jpg", "s/depth/000.png", np.full((1, 6, 3), 128, np.uint8))
     sample = ScanNetDataset(tmp_path, listing)[0]
     assert sample["valid_mask"][0].tolist() == [[False, False, True, True, True, False]]
+    assert "depth_native" not in sample  # read at its native size: nothing to add
+    resized = ScanNetDataset(tmp_path, listing, resolution=(1, 3))[0]
+    assert resized["valid_native"][0].tolist() == [[False, False, True, True, True, False]]
+    assert resized["depth_native"][0, 0, 3].item() == pytest.approx(1.5) and resized["depth"].shape == (1, 1, 3)
+    assert "depth_native" not in ScanNetDataset(tmp_path, listing, resolution=(1, 3), native_gt=False)[0]
     assert sample["depth"][0, 0, 3].item() == pytest.approx(1.5)
     assert sample["name"] == "s_color_000"
 
