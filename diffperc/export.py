@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from diffperc.models import DiT, load_pretrained, moe_config
 from diffperc.models.moe import to_moe
-from diffperc.models.pretrained import read_network_state
+from diffperc.models.pretrained import read_moe_config, read_network_state
 from diffperc.utils import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -26,7 +26,9 @@ def _infer_config(state: dict[str, torch.Tensor], hparams: dict) -> dict:
     tokens = state["pos_embed"].shape[1]
     rows = state["y_embedder.embedding_table.weight"].shape[0]
     out_per_patch = state["final_layer.linear.weight"].shape[0] // (patch * patch)
-    fc1 = state.get("blocks.0.mlp.fc1.weight", state.get("blocks.0.mlp.experts.0.fc1.weight"))
+    # The MLP width: a dense MLP, or a routed expert (GELU experts have fc1, SwiGLU experts gate_proj).
+    keys = ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.experts.0.fc1.weight", "blocks.0.mlp.experts.0.gate_proj.weight")
+    fc1 = next((state[k] for k in keys if k in state), None)
     backbone = hparams.get("backbone") or {}
     num_heads = backbone.get("num_heads")
     if num_heads is None:
@@ -62,13 +64,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> tuple[Path, Path]:
     hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     meta = dict(raw.get("diffperc") or {}) if isinstance(raw, dict) else {}
     config = meta.get("dit_config") or _infer_config(state, hparams)
-    moe = meta.get("moe")
     model = DiT(**config)
-    if moe or any(".mlp.experts." in k for k in state):
-        moe = moe or {
-            "num_experts": 1 + max(int(k.split(".")[4]) for k in state if ".mlp.experts." in k),
-            "experts_per_token": int((hparams.get("upcycle") or {}).get("top_k", 2)),
-        }
+    moe = read_moe_config(ckpt, state)  # the stored record, else what the hyper-parameters and tensors tell
+    if moe is not None:
+        if moe["experts_per_token"] is None or moe["normalize_weights"] is None:
+            raise ValueError(
+                f"`--ckpt` {ckpt} holds a mixture of {moe['num_experts']} experts with no record of how many are "
+                "active per token (no `diffperc` metadata or MoE hyper-parameters): it cannot be rebuilt exactly"
+            )
         to_moe(model, moe)
     model.load_state_dict(state, strict=True)  # proves the config rebuilds exactly this network
     record = {

@@ -19,6 +19,7 @@ import torch
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.data.sampler import ResumableDataLoader, ResumableSampler
 from diffperc.lit import PerceptionFinetuning
+from diffperc.lit.finetuning import Upcycle
 from diffperc.lit.parallel import checkpoint_blocks, draw_noise_and_timesteps
 
 from helpers import run_isolated, tiny_finetuning
@@ -32,23 +33,50 @@ def _module(activation_checkpointing: bool = False) -> PerceptionFinetuning:
     return tiny_finetuning(depth=2, lr=LR, activation_checkpointing=activation_checkpointing)
 
 
-def _fit(strategy: str, devices: int, out: Path, seed: int = 0, activation_checkpointing: bool = False) -> None:
+UNUSED_EXPERT = 3
+
+
+def _moe_module() -> PerceptionFinetuning:
+    """The tiny DiT upcycled to 4 experts, top-2, whose routers never send a token to expert 3."""
+    torch.manual_seed(0)
+    module = tiny_finetuning(depth=2, lr=LR, upcycle=Upcycle(num_experts=4, top_k=2, router_init_std=1.0))
+    offset = torch.zeros(4)
+    offset[UNUSED_EXPERT] = -1e4  # a logit no other expert's can lose to: expert 3 is never in a token's top 2
+    for block in module.net.blocks:
+        # A hook, not a new parameter: the network DDP wraps is exactly the upcycled one.
+        block.mlp.router.register_forward_hook(lambda _, __, logits: logits + offset.to(logits))
+    return module
+
+
+def _fit(
+    strategy: str, devices: int, out: Path, seed: int = 0, activation_checkpointing: bool = False, moe: bool = False
+) -> None:
     """Trains STEPS steps on a global batch of GLOBAL_BATCH and saves the full weights to ``out`` (rank 0)."""
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     if strategy == "fsdp2":
         # Pure data parallelism; one consolidated file so the weights compare directly.
-        strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1,
-                                         save_distributed_checkpoint=False)
+        strategy = ModelParallelStrategy(
+            data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     dm = PerceptionDataModule(train=ProceduralDepth("train", 64, 16), batch_size=GLOBAL_BATCH // devices, seed=seed)
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, default_root_dir=out.parent)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=out.parent,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 cores: one thread per process, and the same kernels in every run
     try:
-        trainer.fit(_module(activation_checkpointing), datamodule=dm)
+        trainer.fit(_moe_module() if moe else _module(activation_checkpointing), datamodule=dm)
         trainer.save_checkpoint(out)
     finally:
         torch.set_num_threads(threads)
@@ -61,8 +89,20 @@ def _net_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _torchrun(strategy: str, out: Path, extra: tuple = ()) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(Path(__file__)), "--strategy", strategy, "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(Path(__file__)),
+        "--strategy",
+        strategy,
+        "--out",
+        str(out),
+        *extra,
+    ]
     start = time.perf_counter()
     result = run_isolated(cmd, out.parent, env, timeout=240)
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}"
@@ -99,6 +139,27 @@ def test_ddp_two_processes_match_one_process(tmp_path, single_process_weights):
 
 
 @pytest.mark.slow
+def test_plain_ddp_trains_an_moe_whose_expert_gets_no_token(tmp_path):
+    # Plain DDP (find_unused_parameters=False, as configs/depth_xl_8e2a.yaml runs) raises at the second step if a
+    # parameter got no gradient in the first; an expert that no token chose gets an exact zero gradient instead.
+    out = tmp_path / "ddp_moe.ckpt"
+    seconds = _torchrun("ddp", out, ("--moe",))
+    print(f"2-process plain DDP, MoE with an idle expert: {seconds:.1f} s for {STEPS} steps, including start-up")
+    ddp = _net_state(out)
+    init = _moe_module().state_dict()
+    idle = [k for k in ddp if f".mlp.experts.{UNUSED_EXPERT}." in k]
+    assert len(idle) == 2 * 4  # 2 blocks x (fc1, fc2) x (weight, bias)
+    for key in idle:
+        # Zero gradient, so Adam's step is exactly zero; AdamW's decoupled weight decay (lr 1e-3 x 0.01) still
+        # scales the weights each step, which it would not do to a parameter without a gradient.
+        decayed = init[key] * (1 - LR * 0.01) ** STEPS
+        torch.testing.assert_close(ddp[key], decayed, rtol=1e-6, atol=0, msg=key)
+        assert not torch.equal(ddp[key], init[key]) or not init[key].any(), key
+    used = [k for k in ddp if ".mlp.experts.0." in k]
+    assert max((ddp[k] - init[k]).abs().max().item() for k in used) > 1e-4  # the other experts trained
+
+
+@pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process(tmp_path, single_process_weights):
     out = tmp_path / "fsdp2.ckpt"
     seconds = _torchrun("fsdp2", out, ("--activation-checkpointing",))
@@ -121,9 +182,17 @@ def test_step_seeded_noise_resumes_exactly_without_rng_state(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def trainer(max_steps: int, *callbacks) -> Trainer:
-        return Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                       enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                       callbacks=list(callbacks), enable_checkpointing=bool(callbacks))
+        return Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp_path,
+            callbacks=list(callbacks),
+            enable_checkpointing=bool(callbacks),
+        )
 
     dm = lambda: PerceptionDataModule(train=ProceduralDepth("train", 12, 16), batch_size=4)  # noqa: E731
     straight = _module()
@@ -207,10 +276,16 @@ def _main() -> None:
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--moe", action="store_true", help="the upcycled tiny DiT with an expert that gets no token")
     args = parser.parse_args()
     start = time.perf_counter()
-    _fit(args.strategy, int(os.environ.get("WORLD_SIZE", "1")), args.out,
-         activation_checkpointing=args.activation_checkpointing)
+    _fit(
+        args.strategy,
+        int(os.environ.get("WORLD_SIZE", "1")),
+        args.out,
+        activation_checkpointing=args.activation_checkpointing,
+        moe=args.moe,
+    )
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.strategy}: Trainer.fit + save {time.perf_counter() - start:.2f} s")
 

@@ -5,6 +5,7 @@ To run: ``diffperc fit --config configs/quickstart/depth.yaml`` then ``diffperc 
 
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +26,18 @@ from diffperc.diffusion import (
 )
 from diffperc.lit.parallel import draw_noise_and_timesteps
 from diffperc.models import (
+    DiT,
     build_model,
     load_pretrained,
     moe_aux_loss,
     moe_config,
+    parse_moe_suffix,
     read_network_state,
     widen_input_projection,
 )
 from diffperc.models import upcycle as upcycle_dense
 from diffperc.models.moe import to_moe
+from diffperc.models.pretrained import read_moe_config
 from diffperc.models.router import PatchEmbedRouter
 from diffperc.tasks import Task
 from diffperc.utils import atomic_write_json
@@ -41,15 +45,27 @@ from diffperc.utils import atomic_write_json
 
 @dataclass
 class Backbone:
-    """The DiT to build: a preset name plus optional overrides of its shape.
+    """The DiT to build: a preset name plus optional overrides of its shape and, for MoE presets, its expert layout.
+
+    The MoE fields apply to ``-<E>E<k>A`` presets (``t1-4E2A``, ``DiT-S/2-8E2A``). Their defaults are this project's
+    layout (GELU experts, one shared expert as wide as a routed one, normalised top-k weights); DiT-MoE's (paper §3.2)
+    is ``expert_type: swiglu``, ``num_shared_experts: 2``, ``shared_expert_ratio: 1.0`` (two shared experts of width
+    D, one fused SwiGLU of width 2D) and ``normalize_weights: false``. Fine-tuning from an MoE checkpoint
+    (``--model.init_from``) takes the layout from the checkpoint instead.
 
     Args:
-        name: Preset (``t1``..``t6``, ``DiT-S/2`` .. ``DiT-XL/8``; ``python -m diffperc.models`` lists them).
+        name: Preset (``t1``..``t6``, ``DiT-S/2`` .. ``DiT-XL/8``, optionally ``-<E>E<k>A``; ``python -m
+            diffperc.models`` lists them).
         patch_size: Override of the preset's patch size.
         hidden_size: Override of the preset's width.
         depth: Override of the preset's number of blocks.
         num_heads: Override of the preset's attention heads.
         learn_sigma: Keep DiT's variance outputs (ignored by the loss; only for official-checkpoint layouts).
+        num_shared_experts: MoE presets: experts every token uses besides its top-k (0 = none).
+        shared_expert_ratio: MoE presets: hidden width of one shared expert / width D; null = the MLP ratio (4), as
+            wide as a routed expert.
+        expert_type: MoE presets: ``gelu`` (DiT's MLP, so dense weights copy in) or ``swiglu`` (DiT-MoE's experts).
+        normalize_weights: MoE presets: renormalise each token's top-k routing weights to sum to 1.
     """
 
     name: str = "t2"
@@ -58,11 +74,47 @@ class Backbone:
     depth: int | None = None
     num_heads: int | None = None
     learn_sigma: bool = False
+    num_shared_experts: int = 1
+    shared_expert_ratio: float | None = None
+    expert_type: Literal["gelu", "swiglu"] = "gelu"
+    normalize_weights: bool = True
+
+    def __post_init__(self):
+        if self.num_shared_experts < 0:
+            raise ValueError(f"`--model.backbone.num_shared_experts` must be >= 0, got {self.num_shared_experts}")
+        if self.shared_expert_ratio is not None and self.shared_expert_ratio <= 0:
+            raise ValueError(
+                f"`--model.backbone.shared_expert_ratio` must be > 0 or null, got {self.shared_expert_ratio}"
+            )
+        if self.expert_type not in ("gelu", "swiglu"):
+            raise ValueError(f"`--model.backbone.expert_type` must be gelu or swiglu, got {self.expert_type!r}")
+
+    def build(self, dense: bool = False, **dit_kwargs) -> DiT:
+        """The network: ``build_model`` on this preset (its dense base when ``dense``) with these overrides and
+        ``dit_kwargs`` (``input_size``, ``in_channels``, ``num_classes``, ...)."""
+        moe = parse_moe_suffix(self.name)
+        return build_model(
+            moe[0] if moe and dense else self.name,
+            num_shared_experts=self.num_shared_experts,
+            expert_type=self.expert_type,
+            shared_expert_ratio=self.shared_expert_ratio,
+            normalize_weights=self.normalize_weights,
+            patch_size=self.patch_size,
+            hidden_size=self.hidden_size,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            learn_sigma=self.learn_sigma,
+            **dit_kwargs,
+        )
 
 
 @dataclass
 class Upcycle:
     """Upcycling a dense network into a mixture of experts before fine-tuning (paper §4.4).
+
+    When ``--model.init_from`` is already a mixture of experts, its own layout is loaded: ``num_experts`` and
+    ``top_k`` may restate it (and stand in for a file that does not record its top-k) but not change it, and
+    ``balance_loss_coef`` and ``capacity_factor`` apply to it.
 
     Args:
         num_experts: Experts E per block; each starts as a copy of the block's dense MLP.
@@ -163,48 +215,38 @@ class PerceptionFinetuning(LightningModule):
                 f"{self.codec.downsample}"
             )
 
-        # 1. Build the DiT for one latent. One task: widen its input for [k condition latents, noisy target] (the
-        #    widening rule keeps the response of an all-RGB input; load_pretrained applies the same rule to a
-        #    one-latent checkpoint). Several tasks: one widened projection per task (PatchEmbedRouter).
+        # 1. Build the DiT for one latent. A checkpoint that is already a mixture of experts (pretrained as one,
+        #    `diffperc upcycle`, an upcycled run) brings its own layout: the dense base of the preset, then every
+        #    MLP swapped for the checkpoint's SparseMoE layout.
         c = self.codec.latent_channels
-        b = self.backbone
-        self.net = build_model(
-            b.name,
-            input_size=image_size // self.codec.downsample,
-            in_channels=c,
-            patch_size=b.patch_size,
-            hidden_size=b.hidden_size,
-            depth=b.depth,
-            num_heads=b.num_heads,
-            learn_sigma=b.learn_sigma,
-            num_classes=len(self.tasks),  # label rows = task ids; no class label at fine-tuning time
-            class_dropout_prob=0.0,
-        )
         self.latent_channels = c
         multi = len(self.tasks) > 1
         source = read_network_state(init_from) if init_from else {}
+        stored = self._checkpoint_moe(init_from, source) if init_from else None
+        self.net = self.backbone.build(
+            dense=stored is not None,
+            input_size=image_size // self.codec.downsample,
+            in_channels=c,
+            num_classes=len(self.tasks),  # label rows = task ids; no class label at fine-tuning time
+            class_dropout_prob=0.0,
+        )
+        if stored is not None:
+            to_moe(self.net, stored)
+        # 2. One task: widen its input for [k condition latents, noisy target] (the widening rule keeps the response
+        #    of an all-RGB input; load_pretrained applies the same rule to a one-latent checkpoint). Several tasks:
+        #    one widened projection per task (PatchEmbedRouter).
         if not multi:
             widen_input_projection(self.net, self.task.num_conditions + 1)
         elif not source or any(k.startswith("x_embedder.routes.") for k in source):
             self._route_inputs()
-        # 2. Pretrained weights, then upcycling. A checkpoint that is already a mixture of experts (from
-        #    `diffperc upcycle` or an upcycled run) is loaded into the MoE layout instead.
+        # 3. Pretrained weights, then upcycling of a dense network.
         u = self.upcycle
         if init_from:
-            if any(".mlp.experts." in k for k in source):
-                if u is None:
-                    raise ValueError(
-                        f"`--model.init_from` {init_from} is a mixture of experts: set "
-                        "`--model.upcycle.num_experts` and `--model.upcycle.top_k` to match it"
-                    )
-                to_moe(
-                    self.net,
-                    dict(
-                        num_experts=u.num_experts,
-                        experts_per_token=u.top_k,
-                        balance_loss_coef=u.balance_loss_coef,
-                        capacity_factor=u.capacity_factor,
-                    ),
+            if stored is None and moe_config(self.net) is not None:
+                raise ValueError(
+                    f"`--model.init_from` {init_from} is a dense network but `--model.backbone.name` "
+                    f"{self.backbone.name} is a mixture of experts: name its dense preset and set "
+                    "`--model.upcycle.num_experts` / `--model.upcycle.top_k` to upcycle it"
                 )
             load_pretrained(self.net, init_from)
             del source
@@ -215,7 +257,7 @@ class PerceptionFinetuning(LightningModule):
                 self.net, u.num_experts, u.top_k, u.capacity_factor, u.balance_loss_coef, u.router_init_std
             )
 
-        # 3. Noise schedule for training; DDIM sampler over the same betas for inference.
+        # 4. Noise schedule for training; DDIM sampler over the same betas for inference.
         self.noise_scheduler = make_train_scheduler(self.diffusion)
         clip = self.inference.clip_sample if self.inference.clip_sample is not None else self.codec.clip_sample
         self.sampler = make_sampler(self.noise_scheduler, self.inference.timestep_spacing, clip)
@@ -229,6 +271,43 @@ class PerceptionFinetuning(LightningModule):
         self.net.x_embedder = PatchEmbedRouter.from_patch_embed(
             self.net.x_embedder, [t.num_conditions + 1 for t in self.tasks]
         )
+
+    def _checkpoint_moe(self, init_from: str, source: dict[str, torch.Tensor]) -> dict | None:
+        """The SparseMoE layout to load ``init_from`` into, None for a dense file: the checkpoint's own (experts,
+        top-k, shared experts, expert type, normalisation), which a preset suffix or ``--model.upcycle`` may restate
+        but not contradict, plus the balance-loss and capacity settings of ``--model.upcycle`` when given."""
+        stored = read_moe_config(init_from, source)
+        if stored is None:
+            return None
+        b, u = self.backbone, self.upcycle
+        suffix = parse_moe_suffix(b.name)
+        asks = []  # (flag, layout it implies): fills in what a file without records can't tell, and must agree
+        if suffix:
+            implied = dict(num_experts=suffix[1], experts_per_token=suffix[2], normalize_weights=b.normalize_weights)
+            asks.append((f"`--model.backbone.name {b.name}`", implied))
+        if u:
+            implied = dict(num_experts=u.num_experts, experts_per_token=u.top_k, normalize_weights=True)
+            asks.append((f"`--model.upcycle.num_experts {u.num_experts} --model.upcycle.top_k {u.top_k}`", implied))
+        layout = dict(stored)
+        for flag, implied in asks:
+            layout.update({k: v for k, v in implied.items() if layout[k] is None})
+            wrong = [f"{k}={layout[k]}" for k in ("num_experts", "experts_per_token") if layout[k] != implied[k]]
+            if wrong:
+                raise ValueError(
+                    f"`--model.init_from` {init_from} is a mixture of experts with {', '.join(wrong)}, which {flag} "
+                    "contradicts: match the checkpoint, or leave the layout out (it is read from the checkpoint)"
+                )
+        if layout["experts_per_token"] is None or layout["normalize_weights"] is None:
+            e, base = layout["num_experts"], suffix[0] if suffix else b.name
+            raise ValueError(
+                f"`--model.init_from` {init_from} holds a mixture of {e} experts with no record of how many are "
+                f"active per token: set `--model.upcycle.num_experts {e} --model.upcycle.top_k <k>` (an upcycled "
+                f"network), or `--model.backbone.name {base}-{e}E<k>A` with `--model.backbone.normalize_weights` "
+                "(one pretrained as a mixture of experts)"
+            )
+        if u:  # training settings, not layout
+            layout.update(balance_loss_coef=u.balance_loss_coef, capacity_factor=u.capacity_factor)
+        return layout
 
     # ------------------------------------------------------------------ training
     def _groups(self, batch: dict) -> list[tuple[int, dict]]:
@@ -398,6 +477,7 @@ class PerceptionFinetuning(LightningModule):
     def test_macs_per_sample(self, image_shape: tuple[int, int, int], task: Task | None = None) -> int:
         """Inference MACs for one input of ``image_shape`` (C, H, W): N members x steps x one network forward, plus
         encoding the conditions once and decoding the N predicted latents (zero for the pixel codec)."""
+        from diffperc.callbacks.macs import _unsharded
         from diffperc.compute import count_macs
 
         settings, task = self.inference, task or self.task
@@ -406,7 +486,7 @@ class PerceptionFinetuning(LightningModule):
         net_in = torch.zeros(1, latent.shape[1] * (task.num_conditions + 1), *latent.shape[2:], device=self.device)
         t = torch.zeros(1, dtype=torch.long, device=self.device)
         y = torch.full((1,), self.tasks.index(task), dtype=torch.long, device=self.device)
-        forward = count_macs(self.net, net_in, t, y)
+        forward = count_macs(_unsharded(self.net), net_in, t, y)
         codec = _CodecMACs(self.codec)
         encode = count_macs(codec, x, mode="encode") * task.num_conditions
         decode = count_macs(codec, latent, mode="decode") * settings.ensemble_size

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from diffperc.codecs import Codec, PixelCodec
 from diffperc.diffusion import DiffusionSettings, make_sampler, make_train_scheduler, training_target
 from diffperc.lit.finetuning import Backbone
-from diffperc.models import build_model
+from diffperc.models import moe_config
 from diffperc.utils import atomic_write_bytes
 
 
@@ -108,7 +108,8 @@ class DiffusionPretraining(LightningModule):
 
     Args:
         codec: Images <-> latents; ``PixelCodec`` (default) or ``VAECodec`` (frozen, left out of checkpoints).
-        backbone: The DiT preset and overrides (a ``-8E2A`` preset builds a DiT-MoE).
+        backbone: The DiT preset and overrides (a ``-8E2A`` preset builds a DiT-MoE; its expert layout is set by the
+            MoE fields of ``Backbone``, e.g. ``expert_type: swiglu`` for DiT-MoE's experts).
         image_size: Training image side in pixels (sets the DiT's position-embedding grid).
         num_classes: Classes of the data set (1000 for ImageNet).
         class_dropout_prob: Label dropout: the fraction of training labels replaced by the null label (DiT: 0.1).
@@ -165,16 +166,9 @@ class DiffusionPretraining(LightningModule):
 
         # 1. The network: a preset DiT (or DiT-MoE) over one latent, with a label table of num_classes + null.
         self.latent_channels = self.codec.latent_channels
-        b = self.backbone
-        self.net = build_model(
-            b.name,
+        self.net = self.backbone.build(
             input_size=image_size // self.codec.downsample,
             in_channels=self.latent_channels,
-            patch_size=b.patch_size,
-            hidden_size=b.hidden_size,
-            depth=b.depth,
-            num_heads=b.num_heads,
-            learn_sigma=b.learn_sigma,
             num_classes=num_classes,
             class_dropout_prob=class_dropout_prob,
         )
@@ -323,10 +317,15 @@ class DiffusionPretraining(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
+        from diffperc.callbacks import MACsCounter
+
+        # Every fit counts its training MACs (train_macs.json, `compute/train_macs`): the x-axis of Fig. 2.
+        present = {type(cb) for cb in self.trainer.callbacks} if self._trainer is not None else set()
+        callbacks = [] if MACsCounter in present else [MACsCounter()]
         if self.ema.decay is None:
-            return []
+            return callbacks
         # Returned here so the recipe always has its EMA; it replaces an EMAWeightAveraging given in the config.
-        return [
+        return callbacks + [
             EMAWeightAveraging(
                 device="cpu" if self.ema.cpu else None,
                 decay=self.ema.decay,
@@ -342,6 +341,9 @@ class DiffusionPretraining(LightningModule):
         for key in ("state_dict", "current_model_state"):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("codec.")}
+        # What rebuilds the network without the config, as PerceptionFinetuning writes it: `init_from` takes the
+        # mixture-of-experts layout (experts, top-k, shared experts, expert type, normalisation) from here.
+        checkpoint["diffperc"] = {"dit_config": self.net.config, "moe": moe_config(self.net), "task": None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Put the codec's own weights back before Lightning (and the EMA callback) load the state strictly.

@@ -7,20 +7,32 @@ from diffperc.models.dit import DiT, DiT_models
 from diffperc.models.moe import SparseMoE, parse_moe_suffix
 
 #: Presets with an ``-<E>E<k>A`` suffix, listed by ``python -m diffperc.models`` (any dense preset takes a suffix).
-MOE_PRESETS = [f"DiT-{s}/2-{e}E2A" for s in ("S", "B", "L", "XL") for e in (8, 16)] + ["a4-8E2A", "t3-4E2A"]
+MOE_PRESETS = [f"DiT-{s}/2-{e}E2A" for s in ("S", "B", "L", "XL") for e in (8, 16)] + ["a2-8E2A", "t3-4E2A"]
 
 
-def build_model(name: str, num_shared_experts: int = 1, expert_type: str = "gelu", **overrides) -> DiT:
+def build_model(
+    name: str,
+    num_shared_experts: int = 1,
+    expert_type: str = "gelu",
+    shared_expert_ratio: float | None = None,
+    normalize_weights: bool = True,
+    **overrides,
+) -> DiT:
     """Builds a preset (``"DiT-XL/2"``, ``"t3"``, ``"DiT-S/2-8E2A"``, ...) with DiT constructor keyword overrides.
 
     A ``-<E>E<k>A`` suffix builds the mixture-of-experts version of the dense preset, as pretrained from scratch in
     the paper (§3.2, after DiT-MoE): every block's MLP becomes E experts of the same width, top-k routed, plus
-    ``num_shared_experts`` shared experts that every token uses.
+    ``num_shared_experts`` shared experts that every token uses. The defaults (GELU experts, one shared expert as wide
+    as a routed one, normalised top-k weights) are this project's; DiT-MoE's own layout is
+    ``expert_type="swiglu", num_shared_experts=2, shared_expert_ratio=1.0, normalize_weights=False``.
 
     Args:
         name: A key of ``DiT_models`` (see ``python -m diffperc.models``), optionally with an MoE suffix.
         num_shared_experts: Shared experts per MoE layer (MoE presets only).
         expert_type: ``gelu`` (DiT's MLP) or ``swiglu`` (DiT-MoE's) experts (MoE presets only).
+        shared_expert_ratio: Hidden width of one shared expert / ``hidden_size``; None = ``mlp_ratio`` (as wide as a
+            routed expert). MoE presets only.
+        normalize_weights: Renormalise each token's top-k routing weights to sum to 1 (MoE presets only).
         **overrides: Official DiT constructor keywords (``input_size``, ``patch_size``, ``in_channels``, ...).
     """
     moe = parse_moe_suffix(name)
@@ -44,7 +56,9 @@ def build_model(name: str, num_shared_experts: int = 1, expert_type: str = "gelu
                 num_experts=num_experts,
                 experts_per_token=top_k,
                 num_shared_experts=num_shared_experts,
+                shared_expert_hidden_size=int(dim * shared_expert_ratio) if shared_expert_ratio else None,
                 expert_type=expert_type,
+                normalize_weights=normalize_weights,
             ).to(block.mlp.fc1.weight.device)
     return model
 

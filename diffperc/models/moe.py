@@ -9,6 +9,7 @@ DiT-MoE (Fei et al. 2024, https://github.com/feizc/DiT-MoE) and litgpt's ``LLaMA
 import copy
 import math
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -68,9 +69,11 @@ class SparseMoE(nn.Module):
         num_experts: Routed experts E.
         experts_per_token: Experts k each token is sent to (top-k).
         num_shared_experts: Experts every token uses, added with weight 1; stored fused as one MLP
-            ``shared_experts`` of hidden width ``num_shared_experts * mlp_hidden_size`` (0 = none).
+            ``shared_experts`` of hidden width ``num_shared_experts * shared_expert_hidden_size`` (0 = none).
+        shared_expert_hidden_size: Hidden width of one shared expert; None = ``mlp_hidden_size``. DiT-MoE: D, so its
+            2 shared experts are one SwiGLU of width 2D.
         expert_type: ``"gelu"`` (DiT's fc1 -> GELU(tanh) -> fc2, with biases) or ``"swiglu"`` (DiT-MoE's experts).
-        normalize_weights: Renormalise the k routing weights of a token to sum to 1.
+        normalize_weights: Renormalise the k routing weights of a token to sum to 1 (upcycling; DiT-MoE does not).
         capacity_factor: If set, each expert keeps at most ``ceil(capacity_factor * M * k / E)`` assignments per
             call. Assignments are ranked per expert by choice slot first (all first choices before second
             choices), then by token position in the flattened (N * T) order; the rest are dropped and contribute
@@ -88,6 +91,7 @@ class SparseMoE(nn.Module):
         num_experts: int = 8,
         experts_per_token: int = 2,
         num_shared_experts: int = 0,
+        shared_expert_hidden_size: int | None = None,
         expert_type: Literal["gelu", "swiglu"] = "gelu",
         normalize_weights: bool = True,
         capacity_factor: float | None = None,
@@ -102,6 +106,10 @@ class SparseMoE(nn.Module):
             )
         if num_shared_experts < 0:
             raise ValueError(f"SparseMoE `num_shared_experts` must be >= 0, got {num_shared_experts}")
+        if shared_expert_hidden_size is not None and shared_expert_hidden_size < 1:
+            raise ValueError(
+                f"SparseMoE `shared_expert_hidden_size` must be >= 1 or None, got {shared_expert_hidden_size}"
+            )
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"SparseMoE `capacity_factor` must be > 0 or None, got {capacity_factor}")
         self.hidden_size = hidden_size
@@ -109,6 +117,7 @@ class SparseMoE(nn.Module):
         self.num_experts = num_experts
         self.experts_per_token = experts_per_token
         self.num_shared_experts = num_shared_experts
+        self.shared_expert_hidden_size = shared_expert_hidden_size or mlp_hidden_size
         self.expert_type = expert_type
         self.normalize_weights = normalize_weights
         self.capacity_factor = capacity_factor
@@ -119,9 +128,8 @@ class SparseMoE(nn.Module):
             [_make_expert(expert_type, hidden_size, mlp_hidden_size) for _ in range(num_experts)]
         )
         # n shared experts summed equal one MLP n times as wide (GELU: fc2 biases add up into one bias).
-        self.shared_experts = (
-            _make_expert(expert_type, hidden_size, num_shared_experts * mlp_hidden_size) if num_shared_experts else None
-        )
+        shared_width = num_shared_experts * self.shared_expert_hidden_size
+        self.shared_experts = _make_expert(expert_type, hidden_size, shared_width) if num_shared_experts else None
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.reset_parameters()
@@ -138,7 +146,10 @@ class SparseMoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
-            f"num_shared_experts={self.num_shared_experts}, capacity_factor={self.capacity_factor}"
+            f"num_shared_experts={self.num_shared_experts}, "
+            f"shared_expert_hidden_size={self.shared_expert_hidden_size}, "
+            f"expert_type={self.expert_type}, normalize_weights={self.normalize_weights}, "
+            f"capacity_factor={self.capacity_factor}"
         )
 
     def expert_capacity(self, num_tokens: int) -> int | None:
@@ -183,12 +194,14 @@ class SparseMoE(nn.Module):
             counts = counts.clamp(max=capacity)
 
         # 4. Dispatch: gather each token once per assignment, run every expert on its contiguous slice.
-        # `tolist()` is the one host sync per call (torch.split needs Python sizes).
+        # `tolist()` is the one host sync per call (torch.split needs Python sizes). An expert with no token still
+        # runs on its empty (0, D) slice: the output is unchanged, but every expert parameter is in the graph and
+        # gets a (zero) gradient, so plain DDP (find_unused_parameters=False) never waits for a missing one.
         sizes = counts.tolist()
         order = order[: sum(sizes)]  # (A,), A = kept assignments
         tok = flat_tok[order]  # (A,)
         xs = x_flat.index_select(0, tok)  # (A, D), grouped by expert
-        ys = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(xs.split(sizes)) if chunk.shape[0]])
+        ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(sizes))])  # (A, D)
         ys = ys * flat_w[order].to(ys.dtype).unsqueeze(1)
 
         # 5. Combine: scatter-add the weighted expert outputs back to their tokens.
@@ -207,8 +220,10 @@ class SparseMoE(nn.Module):
 
     def macs_per_token(self) -> int:
         """Forward multiply-accumulates per token: router + k experts + shared experts (weight matmuls only)."""
-        per_expert = (3 if self.expert_type == "swiglu" else 2) * self.hidden_size * self.mlp_hidden_size
-        return self.hidden_size * self.num_experts + (self.experts_per_token + self.num_shared_experts) * per_expert
+        per_hidden = (3 if self.expert_type == "swiglu" else 2) * self.hidden_size  # MACs per hidden unit
+        routed = self.experts_per_token * self.mlp_hidden_size
+        shared = self.num_shared_experts * self.shared_expert_hidden_size
+        return self.hidden_size * self.num_experts + per_hidden * (routed + shared)
 
 
 #################################################################################
@@ -316,6 +331,7 @@ _MOE_KEYS = (
     "num_experts",
     "experts_per_token",
     "num_shared_experts",
+    "shared_expert_hidden_size",
     "expert_type",
     "normalize_weights",
     "capacity_factor",
@@ -327,6 +343,43 @@ def moe_config(model: nn.Module) -> dict | None:
     """The SparseMoE settings of a model (those of its first MoE layer), or None for a dense model."""
     layer = next((m for m in model.modules() if isinstance(m, SparseMoE)), None)
     return None if layer is None else {key: getattr(layer, key) for key in _MOE_KEYS}
+
+
+_EXPERT_KEY = re.compile(r"^blocks\.0\.mlp\.experts\.(\d+)\.")
+
+
+def infer_moe_config(state: Mapping[str, torch.Tensor], num_shared_experts: int | None = None) -> dict | None:
+    """The parts of a network's SparseMoE layout that its tensors show (None for a dense state dict).
+
+    ``num_experts`` from the ``blocks.0.mlp.experts.<i>`` keys, ``expert_type`` from the expert's parameter names
+    (``gate_proj``: swiglu, ``fc1``: gelu), and the shared experts from the fused ``shared_experts`` width W: split
+    into ``num_shared_experts`` experts when given and W divides, else into W / (routed expert width) experts when
+    that divides, else one expert of width W (the same function and parameters either way). Top-k and the weight
+    normalisation leave no trace in the tensors: the caller takes them from the file's metadata.
+    """
+    prefix = "blocks.0.mlp."
+    ids = {int(m[1]) for key in state if (m := _EXPERT_KEY.match(key))}
+    if not ids:
+        return None
+    swiglu = f"{prefix}experts.0.gate_proj.weight" in state
+    first = "gate_proj" if swiglu else "fc1"
+    hidden = state[f"{prefix}experts.0.{first}.weight"].shape[0]
+    shared = state.get(f"{prefix}shared_experts.{first}.weight")
+    width = 0 if shared is None else shared.shape[0]
+    if width == 0:
+        count, each = 0, hidden
+    elif num_shared_experts and width % num_shared_experts == 0:
+        count, each = num_shared_experts, width // num_shared_experts
+    elif width % hidden == 0:
+        count, each = width // hidden, hidden
+    else:
+        count, each = 1, width
+    return dict(
+        num_experts=max(ids) + 1,
+        num_shared_experts=count,
+        shared_expert_hidden_size=each,
+        expert_type="swiglu" if swiglu else "gelu",
+    )
 
 
 def to_moe(model: DiT, config: dict) -> DiT:

@@ -5,6 +5,7 @@ shape (drop the sigma outputs, widen the input projection, task rows of the labe
 the grid) and loads them. Files are always read with ``weights_only=True``: a checkpoint can't run code.
 """
 
+import json
 import math
 import re
 import warnings
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from diffperc.models.dit import sincos_pos_embed
+from diffperc.models.moe import infer_moe_config, parse_moe_suffix
 
 # Every DiT variant (dense, MoE, task-routed input) has this key; it marks where a network's weights start.
 _ANCHOR = "t_embedder.mlp.0.weight"
@@ -176,6 +178,64 @@ def read_network_state(path: str | Path) -> dict[str, torch.Tensor]:
     flat, _ = _network_tensors(raw, path)
     prefix = _pick_prefix(flat, path)
     return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+
+
+def read_moe_config(path: str | Path, state: Mapping[str, torch.Tensor] | None = None) -> dict | None:
+    """The mixture-of-experts layout of the network in a checkpoint file (``moe_config`` keys), None if it is dense.
+
+    Sources, first wins: the ``moe`` record this project writes (``checkpoint["diffperc"]["moe"]`` in Lightning and
+    ``diffperc upcycle`` files; the ``.json`` beside a ``diffperc export`` ``.safetensors``), then the run's
+    hyper-parameters (a ``backbone.name`` with an ``-<E>E<k>A`` suffix, an ``upcycle`` group). The tensors themselves
+    give the experts, expert type and shared-expert widths (``infer_moe_config``) and override the records there.
+    ``experts_per_token`` and ``normalize_weights`` are None when no record tells them.
+
+    Args:
+        path: Checkpoint file (``.ckpt``, ``.pt`` or ``.safetensors``).
+        state: The file's network tensors if already read (``read_network_state``), to skip reading them again.
+    """
+    path = Path(path)
+    state = read_network_state(path) if state is None else state
+    if infer_moe_config(state) is None:
+        return None
+    record, hparams = _read_records(path)
+    known = {"experts_per_token": None, "normalize_weights": None, **_moe_from_hparams(hparams), **(record or {})}
+    return {**known, **infer_moe_config(state, known.get("num_shared_experts"))}
+
+
+def _read_records(path: Path) -> tuple[dict | None, dict]:
+    """The ``moe`` record and the hyper-parameters stored with a checkpoint (None and {} when there are none)."""
+    if path.suffix == ".safetensors":
+        sidecar = path.with_suffix(".json")
+        raw = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        raw = raw if isinstance(raw, dict) else {}
+        return raw.get("moe"), dict(raw.get("hyper_parameters") or {})
+    try:  # memory-mapped: the tensors, already read once, are not loaded again
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    meta = raw.get("diffperc") if isinstance(raw, Mapping) else None
+    hparams = raw.get("hyper_parameters") if isinstance(raw, Mapping) else None
+    return (meta or {}).get("moe"), dict(hparams or {})
+
+
+def _moe_from_hparams(hparams: Mapping) -> dict:
+    """Top-k, weight normalisation and shared-expert count a run's hyper-parameters imply for its network."""
+    out = {}
+    backbone = hparams.get("backbone") if isinstance(hparams.get("backbone"), Mapping) else {}
+    try:
+        suffix = parse_moe_suffix(str(backbone.get("name") or ""))
+    except ValueError:
+        suffix = None
+    if suffix:  # an MoE preset; the defaults are those of `build_model`, which older runs did not record
+        out.update(
+            experts_per_token=suffix[2],
+            normalize_weights=bool(backbone.get("normalize_weights", True)),
+            num_shared_experts=int(backbone.get("num_shared_experts", 1)),
+        )
+    upcycle = hparams.get("upcycle")
+    if isinstance(upcycle, Mapping) and "top_k" in upcycle:  # `upcycle()`: normalised weights, no shared expert
+        out.update(experts_per_token=int(upcycle["top_k"]), normalize_weights=True, num_shared_experts=0)
+    return out
 
 
 def _read(path: Path) -> tuple[object, str]:

@@ -52,11 +52,18 @@ class PatchEmbedRouter(nn.Module):
         groups = [(i, idx) for i, idx in groups if idx.numel()]
         if len(groups) == 1 and groups[0][1].numel() == x.shape[0]:  # one task: no gather/scatter
             i = groups[0][0]
-            return self.routes[i](x[:, : self.in_channels[i]])
-        out = None
-        for i, idx in groups:  # one batched convolution per task present in the batch
-            tokens = self.routes[i](x.index_select(0, idx)[:, : self.in_channels[i]])  # (n_i, T, D)
-            if out is None:
-                out = tokens.new_zeros(x.shape[0], *tokens.shape[1:])
-            out = out.index_copy(0, idx, tokens)
+            out = self.routes[i](x[:, : self.in_channels[i]])
+        else:  # one batched convolution per task present in the batch
+            out = None
+            for i, idx in groups:
+                tokens = self.routes[i](x.index_select(0, idx)[:, : self.in_channels[i]])  # (n_i, T, D)
+                if out is None:
+                    out = tokens.new_zeros(x.shape[0], *tokens.shape[1:])
+                out = out.index_copy(0, idx, tokens)
+        if torch.is_grad_enabled() and len(groups) < len(self.routes):
+            # DDP without find_unused_parameters needs every parameter in every step's graph: a task absent from the
+            # batch adds its route times 0, so that route's gradient is an exact zero instead of missing.
+            present = {i for i, _ in groups}
+            unused = [p.sum() for i, r in enumerate(self.routes) if i not in present for p in r.parameters()]
+            out = out + torch.stack(unused).sum().to(out.dtype) * 0
         return out

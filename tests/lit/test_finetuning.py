@@ -11,6 +11,7 @@ from diffperc.cli import DiffpercCLI
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.diffusion import InferenceSettings
 from diffperc.lit import PerceptionFinetuning
+from diffperc.lit.finetuning import Backbone, Upcycle
 
 from helpers import quiet_trainer, tiny_finetuning
 
@@ -156,3 +157,67 @@ def test_test_macs_per_sample_is_members_times_steps_times_forward():
     block = 6 * D * D + T * 3 * D * D + 2 * T * T * D + T * D * D + 8 * T * D * D  # adaLN, qkv, attn, proj, MLP
     forward = T * D * C * p * p + 256 * D + D * D + L * block + 2 * D * D + T * D * p * p * C_out
     assert module.test_macs_per_sample((3, 16, 16)) == 2 * 3 * forward  # the pixel codec costs nothing
+
+
+def test_init_from_an_moe_file_without_records_needs_top_k_from_the_flags(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = _tiny_module(upcycle=Upcycle(num_experts=4, top_k=2))
+    weights = {k: v.contiguous() for k, v in source.net.state_dict().items()}
+    path = tmp_path / "moe.safetensors"
+    save_file(weights, str(path))  # no .json beside it: nothing records top-k or the weight normalisation
+    with pytest.raises(ValueError, match="holds a mixture of 4 experts") as info:
+        _tiny_module(init_from=str(path))
+    assert str(path) in str(info.value) and "--model.upcycle.top_k" in str(info.value)
+
+    # The flags supply what the file can't tell (here another top-k than the source's); the tensors the rest.
+    module = _tiny_module(init_from=str(path), upcycle=Upcycle(num_experts=4, top_k=1))
+    moe = module.net.blocks[1].mlp
+    assert (moe.num_experts, moe.experts_per_token, moe.num_shared_experts, moe.normalize_weights) == (4, 1, 0, True)
+    assert all(torch.equal(module.net.state_dict()[k], v) for k, v in weights.items())
+    with pytest.raises(ValueError, match="num_experts=4, which `--model.upcycle.num_experts 8"):
+        _tiny_module(init_from=str(path), upcycle=Upcycle(num_experts=8, top_k=2))
+
+    # A dense file into an MoE preset is refused with the way out, not a list of missing keys.
+    dense = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in _tiny_module().net.state_dict().items()}, str(dense))
+    with pytest.raises(ValueError, match="is a dense network but `--model.backbone.name` t1-4E2A"):
+        PerceptionFinetuning(
+            task=source.task,
+            backbone=Backbone(name="t1-4E2A", hidden_size=32, depth=2, num_heads=2, patch_size=2),
+            image_size=16,
+            init_from=str(dense),
+        )
+
+
+def test_backbone_moe_fields_parse_from_the_command_line():
+    from diffperc.models.moe import SwiGLU
+
+    cli = DiffpercCLI(
+        args=[
+            "--config",
+            str(QUICKSTART),
+            *TINY_ARGS,
+            "--model.init_args.backbone.name",
+            "t1-4E2A",
+            "--model.init_args.backbone.expert_type",
+            "swiglu",
+            "--model.init_args.backbone.num_shared_experts",
+            "2",
+            "--model.init_args.backbone.shared_expert_ratio",
+            "1.0",
+            "--model.init_args.backbone.normalize_weights",
+            "false",
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
+    moe = cli.model.net.blocks[0].mlp
+    D, H = 32, 128
+    assert isinstance(moe.experts[0], SwiGLU) and moe.normalize_weights is False
+    assert sum(p.numel() for p in moe.parameters()) == D * 4 + 4 * 3 * D * H + 3 * D * 2 * D == 55424
+    assert cli.model.hparams["backbone"]["expert_type"] == "swiglu"  # plain values in the checkpoint
+    with pytest.raises(SystemExit):
+        DiffpercCLI(args=["--config", str(QUICKSTART), "--model.init_args.backbone.expert_type", "relu"], run=False)

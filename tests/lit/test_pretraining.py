@@ -1,5 +1,8 @@
 """DiffusionPretraining: EMA weights in checkpoints and init_from, label dropout, CFG, MoE loss, sample grids."""
 
+import re
+from pathlib import Path
+
 import cv2
 import pytest
 import torch
@@ -7,10 +10,11 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from diffperc.data import ProceduralDepth
 from diffperc.data.procedural_classes import ProceduralClasses
-from diffperc.lit.finetuning import Backbone, PerceptionFinetuning
+from diffperc.lit.finetuning import Backbone, PerceptionFinetuning, Upcycle
 from diffperc.lit.pretraining import DiffusionPretraining, EMASettings, SamplingSettings
-from diffperc.models import DiT, build_model
+from diffperc.models import DiT, build_model, parameter_counts
 from diffperc.models.pretrained import load_pretrained
 from diffperc.tasks import DepthTask
 
@@ -49,9 +53,15 @@ def fitted(tmp_path_factory):
     torch.manual_seed(0)
     module = _module()
     recorder = _RawWeights()
-    trainer = quiet_trainer(max_steps=5, default_root_dir=root, enable_checkpointing=True, num_sanity_val_steps=0,
-                            val_check_interval=5, limit_val_batches=1,
-                            callbacks=[recorder, ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)])
+    trainer = quiet_trainer(
+        max_steps=5,
+        default_root_dir=root,
+        enable_checkpointing=True,
+        num_sanity_val_steps=0,
+        val_check_interval=5,
+        limit_val_batches=1,
+        callbacks=[recorder, ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)],
+    )
     train = DataLoader(ProceduralClasses("train", 64, 16), batch_size=8, shuffle=True)
     val = DataLoader(ProceduralClasses("val", 8, 16), batch_size=8)
     trainer.fit(module, train, val)
@@ -73,8 +83,18 @@ def test_pretraining_checkpoint_holds_ema_weights_for_init_from(fitted):
     assert (checkpoint["state_dict"][key] - checkpoint["current_model_state"][key]).abs().max() > 1e-4
     assert checkpoint["hyper_parameters"]["ema"]["decay"] == DECAY
 
-    net = build_model("t1", input_size=16, in_channels=3, patch_size=4, hidden_size=32, depth=1, num_heads=2,
-                      learn_sigma=False, num_classes=10, class_dropout_prob=0.1)
+    net = build_model(
+        "t1",
+        input_size=16,
+        in_channels=3,
+        patch_size=4,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        learn_sigma=False,
+        num_classes=10,
+        class_dropout_prob=0.1,
+    )
     report = load_pretrained(net, root / "checkpoints" / "last.ckpt")
     assert report["ema"] and report["prefix"] == "net."
     for name, value in net.state_dict().items():
@@ -84,9 +104,10 @@ def test_pretraining_checkpoint_holds_ema_weights_for_init_from(fitted):
 def test_pretraining_checkpoint_initialises_depth_finetuning(fitted):
     root, steps = fitted
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
-    ema = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items()}
-    finetune = PerceptionFinetuning(task=DepthTask(), backbone=Backbone(**TINY), image_size=16,
-                                    init_from=str(root / "checkpoints" / "last.ckpt"))
+    ema = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items()}
+    finetune = PerceptionFinetuning(
+        task=DepthTask(), backbone=Backbone(**TINY), image_size=16, init_from=str(root / "checkpoints" / "last.ckpt")
+    )
     state = finetune.net.state_dict()
     torch.testing.assert_close(state["blocks.0.attn.qkv.weight"], ema["blocks.0.attn.qkv.weight"])
     # Marigold's widening for [image, noisy target]; the 10 class rows (not the null row) average into the task row.
@@ -168,17 +189,32 @@ def test_pretraining_checkpoint_leaves_out_the_vae_and_resumes(tmp_path):
     from diffperc.codecs import VAECodec
 
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  layers_per_block=1, norm_num_groups=8, sample_size=16).save_pretrained(tmp_path / "vae")
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+    ).save_pretrained(tmp_path / "vae")
 
     def fit(max_steps, ckpt_path=None):
-        module = DiffusionPretraining(codec=VAECodec(str(tmp_path / "vae")), image_size=16,
-                                      backbone=Backbone("t1", patch_size=2, hidden_size=32, depth=1, num_heads=2),
-                                      ema=EMASettings(decay=0.9))
-        trainer = quiet_trainer(max_steps=max_steps, default_root_dir=tmp_path, enable_checkpointing=True,
-                                limit_val_batches=0,
-                                callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+        module = DiffusionPretraining(
+            codec=VAECodec(str(tmp_path / "vae")),
+            image_size=16,
+            backbone=Backbone("t1", patch_size=2, hidden_size=32, depth=1, num_heads=2),
+            ema=EMASettings(decay=0.9),
+        )
+        trainer = quiet_trainer(
+            max_steps=max_steps,
+            default_root_dir=tmp_path,
+            enable_checkpointing=True,
+            limit_val_batches=0,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        )
         trainer.fit(module, DataLoader(ProceduralClasses("train", 32, 16), batch_size=4), ckpt_path=ckpt_path)
         return module, trainer
 
@@ -189,8 +225,9 @@ def test_pretraining_checkpoint_leaves_out_the_vae_and_resumes(tmp_path):
     # Resuming puts the codec's own weights back before Lightning and the EMA callback load strictly.
     _, trainer = fit(3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 3
-    loaded = DiffusionPretraining.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt",
-                                                       codec=VAECodec(str(tmp_path / "vae")))
+    loaded = DiffusionPretraining.load_from_checkpoint(
+        tmp_path / "ckpt" / "last.ckpt", codec=VAECodec(str(tmp_path / "vae"))
+    )
     torch.testing.assert_close(loaded.codec.vae.encoder.conv_in.weight, module.codec.vae.encoder.conv_in.weight)
 
 
@@ -221,3 +258,125 @@ def test_pretraining_ddim_sampling_recovers_data_with_an_exact_noise_oracle():
     for num_steps in (1, 5):
         out = module.sample_latents(labels, cfg_scale=3.0, num_steps=num_steps)
         torch.testing.assert_close(out, images[labels], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------- MoE pretraining -> fine-tuning (paper §3.2, §4.3)
+PRETRAIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "pretrain.yaml"
+MOE_TINY = dict(hidden_size=32, depth=1, num_heads=2, patch_size=4)  # experts 4 x 32 = 128 wide
+# DiT-MoE's layout: SwiGLU experts, 2 shared experts fused into one SwiGLU of width 2D, unnormalised top-k weights.
+DIT_MOE_FLAGS = dict(expert_type="swiglu", num_shared_experts="2", shared_expert_ratio="1.0", normalize_weights="false")
+LAYOUTS = {
+    "default": dict(num_shared_experts=1, shared_expert_hidden_size=128, expert_type="gelu", normalize_weights=True),
+    "dit_moe": dict(num_shared_experts=2, shared_expert_hidden_size=32, expert_type="swiglu", normalize_weights=False),
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def pretrained_moe(request, tmp_path_factory):
+    """``diffperc fit --config configs/quickstart/pretrain.yaml`` on a tiny ``t1-4E2A`` for 2 steps, then saved."""
+    from diffperc.cli import DiffpercCLI
+
+    root = tmp_path_factory.mktemp(f"pretrain_{request.param}")
+    flags = {"name": "t1-4E2A", **MOE_TINY, **(DIT_MOE_FLAGS if request.param == "dit_moe" else {})}
+    args = [arg for key, value in flags.items() for arg in (f"--model.init_args.backbone.{key}", str(value))]
+    args += [
+        "--model.init_args.image_size",
+        "16",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.train.init_args.resolution",
+        "16",
+        "--data.init_args.val.init_args.resolution",
+        "16",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
+    torch.manual_seed(0)
+    cli = DiffpercCLI(args=["fit", "--config", str(PRETRAIN_CONFIG), *args])
+    assert cli.trainer.global_step == 2
+    path = root / "moe.ckpt"
+    cli.trainer.save_checkpoint(path)
+    return request.param, cli.model, path
+
+
+def test_moe_layout_flags_reach_the_pretraining_network_and_its_checkpoint(pretrained_moe):
+    layout, module, path = pretrained_moe
+    D, H, E, k = 32, 128, 4, 2
+    moe = module.net.blocks[0].mlp
+    routed, shared = (3 * D * H, 3 * D * 2 * D) if layout == "dit_moe" else (2 * D * H + H + D, 2 * D * H + H + D)
+    expected = 55424 if layout == "dit_moe" else 41888  # router + 4 routed experts + the (fused) shared expert
+    assert sum(p.numel() for p in moe.parameters()) == D * E + E * routed + shared == expected
+    total, active = parameter_counts(module.net)
+    assert total - active == (E - k) * routed
+    assert {key: getattr(moe, key) for key in LAYOUTS[layout]} == LAYOUTS[layout]
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["diffperc"]["moe"] == dict(
+        num_experts=E, experts_per_token=k, capacity_factor=None, balance_loss_coef=0.01, **LAYOUTS[layout]
+    )
+    assert checkpoint["diffperc"]["dit_config"]["hidden_size"] == D
+
+
+@pytest.mark.filterwarnings("ignore:.*no `val_dataloader`.*")
+@pytest.mark.parametrize(
+    ("name", "upcycle"),
+    [("t1-4E2A", None), ("t1", Upcycle(4, 2)), ("t1", None)],
+    ids=["same_preset", "upcycle_flags", "dense_name"],
+)
+def test_pretrained_moe_initialises_finetuning_in_its_own_layout(pretrained_moe, name, upcycle, tmp_path):
+    layout, _, path = pretrained_moe
+    ema = {k.removeprefix("net."): v for k, v in torch.load(path, weights_only=True)["state_dict"].items()}
+    # The backbone names no layout (or the default one): the checkpoint's experts, shared experts, expert type and
+    # normalisation win.
+    module = PerceptionFinetuning(
+        task=DepthTask(),
+        backbone=Backbone(name=name, **MOE_TINY),
+        image_size=16,
+        init_from=str(path),
+        upcycle=upcycle,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+    )
+    moe = module.net.blocks[0].mlp
+    assert {key: getattr(moe, key) for key in LAYOUTS[layout]} == LAYOUTS[layout]
+    assert (moe.num_experts, moe.experts_per_token) == (4, 2)
+    first = "gate_proj" if layout == "dit_moe" else "fc1"
+    state = module.net.state_dict()
+    for key in (
+        f"blocks.0.mlp.experts.1.{first}.weight",
+        f"blocks.0.mlp.shared_experts.{first}.weight",
+        "blocks.0.mlp.router.weight",
+        "blocks.0.attn.qkv.weight",
+    ):
+        assert torch.equal(state[key], ema[key]), key
+
+    # One training step: the balance loss trains the router.
+    router = moe.router.weight.detach().clone()
+    quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path).fit(
+        module, DataLoader(ProceduralDepth("train", 4, 16), batch_size=4)
+    )
+    assert module.trainer.global_step == 1
+    assert (moe.router.weight - router).abs().max() > 1e-5
+
+
+def test_finetuning_refuses_a_layout_that_contradicts_the_checkpoint(pretrained_moe):
+    _, _, path = pretrained_moe
+    for name, upcycle, flag in [
+        ("t1-8E2A", None, "--model.backbone.name t1-8E2A"),
+        ("t1", Upcycle(4, 1), "--model.upcycle.num_experts 4 --model.upcycle.top_k 1"),
+    ]:
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))} is a mixture of experts with") as info:
+            PerceptionFinetuning(
+                task=DepthTask(),
+                backbone=Backbone(name=name, **MOE_TINY),
+                image_size=16,
+                init_from=str(path),
+                upcycle=upcycle,
+            )
+        assert flag in str(info.value)

@@ -11,7 +11,9 @@ from diffperc.models import build_model
 from diffperc.models.dit import Mlp
 from diffperc.models.moe import (
     SparseMoE,
+    SwiGLU,
     expert_loads,
+    infer_moe_config,
     moe_aux_loss,
     parameter_counts,
     parse_moe_suffix,
@@ -142,13 +144,32 @@ def test_sparse_moe_gradients_reach_router_and_used_experts():
     x = torch.randn(2, 6, 8)
     (moe(x).square().sum() + moe_aux_loss(moe)).backward()
     assert moe.router.weight.grad.abs().sum() > 0
+    assert (moe.last_load > 0).all()
     for e, expert in enumerate(moe.experts):
-        if moe.last_load[e] > 0:
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.parameters()), e
-        else:
-            assert all(p.grad is None for p in expert.parameters()), e
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.parameters()), e
     assert all(p.grad.abs().sum() > 0 for p in moe.shared_experts.parameters())
-    assert (moe.last_load > 0).sum() >= 2
+
+
+@pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
+def test_sparse_moe_expert_without_tokens_gets_a_zero_gradient(expert_type):
+    # Plain DDP (find_unused_parameters=False) needs a gradient for every parameter in every step, also for an expert
+    # the router sent no token to: it runs on an empty slice, so its gradient is exactly zero, not missing.
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 16, num_experts=4, experts_per_token=2, num_shared_experts=1, expert_type=expert_type)
+    nn.init.normal_(moe.router.weight, std=2.0)  # spread tokens over experts 0-2
+    with torch.no_grad():
+        moe.router.weight[3] = -100.0  # inputs are positive below: expert 3's logit is far below the others'
+    x = torch.rand(2, 6, 8) + 0.1
+    out = moe(x)
+    (out.square().sum() + moe_aux_loss(moe)).backward()
+    assert moe.last_load[3] == 0 and (moe.last_load[:3] > 0).all()
+    for name, param in moe.named_parameters():
+        assert param.grad is not None, name
+        if name.startswith("experts.3."):
+            assert torch.equal(param.grad, torch.zeros_like(param)), name
+        else:
+            assert param.grad.abs().sum() > 0, name
+    torch.testing.assert_close(out, _reference_moe(moe, x), atol=1e-6, rtol=1e-5)
 
 
 def _random_tiny_dit():
@@ -231,19 +252,102 @@ def test_parse_moe_suffix_rejects_unbuildable(name):
         parse_moe_suffix(name)
 
 
-@pytest.mark.parametrize(("expert_type", "num_shared"), [("gelu", 1), ("swiglu", 2), ("gelu", 0)])
-def test_parameter_counts_formula(expert_type, num_shared):
+@pytest.mark.parametrize(
+    ("expert_type", "num_shared", "shared_hidden"),
+    [("gelu", 1, None), ("swiglu", 2, None), ("gelu", 0, None), ("swiglu", 2, 8), ("gelu", 3, 4)],
+)
+def test_parameter_counts_formula(expert_type, num_shared, shared_hidden):
     D, H, E, k = 8, 16, 4, 2
-    moe = SparseMoE(D, H, num_experts=E, experts_per_token=k, num_shared_experts=num_shared, expert_type=expert_type)
+    moe = SparseMoE(
+        D,
+        H,
+        num_experts=E,
+        experts_per_token=k,
+        num_shared_experts=num_shared,
+        shared_expert_hidden_size=shared_hidden,
+        expert_type=expert_type,
+    )
 
     def expert(hidden):
         return 2 * D * hidden + hidden + D if expert_type == "gelu" else 3 * D * hidden
 
-    shared = expert(num_shared * H) if num_shared else 0
+    H_shared = num_shared * (shared_hidden or H)  # the shared experts fused into one MLP
+    shared = expert(H_shared) if num_shared else 0
     total, active = parameter_counts(moe)
     assert total == D * E + E * expert(H) + shared
     assert active == D * E + k * expert(H) + shared == moe.num_active_parameters()
-    assert moe.macs_per_token() == D * E + (k + num_shared) * (2 if expert_type == "gelu" else 3) * D * H
+    assert moe.macs_per_token() == D * E + (k * H + H_shared) * (2 if expert_type == "gelu" else 3) * D
+
+
+def test_build_model_dit_moe_layout_exact_parameter_counts():
+    # DiT-MoE's layout (https://github.com/feizc/DiT-MoE models.py, SparseMoeBlock): SwiGLU experts of width 4D,
+    # 2 shared experts fused into one SwiGLU of width 2D, unnormalised top-k weights.
+    D, H, E, k, depth = 32, 128, 4, 2, 2
+    kwargs = dict(input_size=8, in_channels=3, num_classes=2, hidden_size=D, depth=depth, num_heads=2)
+    model = build_model(
+        "t1-4E2A",
+        expert_type="swiglu",
+        num_shared_experts=2,
+        shared_expert_ratio=1.0,
+        normalize_weights=False,
+        **kwargs,
+    )
+    dense = build_model("t1", **kwargs)
+    moe = model.blocks[0].mlp
+    assert isinstance(moe.experts[0], SwiGLU) and moe.normalize_weights is False
+    assert moe.shared_experts.gate_proj.weight.shape == (2 * D, D)
+    per_layer = D * E + E * 3 * D * H + 3 * D * 2 * D  # router, 4 routed experts, the fused shared expert
+    assert sum(p.numel() for p in moe.parameters()) == per_layer == 55424
+    dense_mlp = 2 * D * H + H + D
+    total, active = parameter_counts(model)
+    assert total == sum(p.numel() for p in dense.parameters()) + depth * (per_layer - dense_mlp)
+    assert total - active == depth * (E - k) * 3 * D * H
+    assert moe.macs_per_token() == D * E + 3 * D * (k * H + 2 * D)
+
+    # The project's defaults: GELU experts, one shared expert as wide as a routed one, normalised weights.
+    moe = build_model("t1-4E2A", **kwargs).blocks[0].mlp
+    assert moe.expert_type == "gelu" and moe.normalize_weights and moe.shared_experts.fc1.weight.shape == (H, D)
+    assert sum(p.numel() for p in moe.parameters()) == D * E + 5 * dense_mlp
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "hint", "expected"),
+    [
+        (
+            dict(num_shared_experts=1),
+            None,
+            dict(num_experts=4, num_shared_experts=1, shared_expert_hidden_size=16, expert_type="gelu"),
+        ),
+        (
+            dict(num_shared_experts=0),
+            None,
+            dict(num_experts=4, num_shared_experts=0, shared_expert_hidden_size=16, expert_type="gelu"),
+        ),
+        (
+            dict(expert_type="swiglu", num_shared_experts=2, shared_expert_hidden_size=4),
+            None,
+            dict(num_experts=4, num_shared_experts=1, shared_expert_hidden_size=8, expert_type="swiglu"),
+        ),
+        (
+            dict(expert_type="swiglu", num_shared_experts=2, shared_expert_hidden_size=4),
+            2,
+            dict(num_experts=4, num_shared_experts=2, shared_expert_hidden_size=4, expert_type="swiglu"),
+        ),
+        (
+            dict(num_shared_experts=3),
+            None,
+            dict(num_experts=4, num_shared_experts=3, shared_expert_hidden_size=16, expert_type="gelu"),
+        ),
+    ],
+)
+def test_infer_moe_config_reads_the_layout_from_tensors(kwargs, hint, expected):
+    # Routed experts 16 wide: a fused shared width that 16 divides tells the count, another is one expert.
+    moe = SparseMoE(4, 16, num_experts=4, experts_per_token=2, **kwargs)
+    state = {f"blocks.0.mlp.{k}": v for k, v in moe.state_dict().items()}
+    assert infer_moe_config(state, hint) == expected
+    rebuilt = SparseMoE(4, 16, experts_per_token=2, **infer_moe_config(state, hint))  # the same tensors
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in moe.state_dict().items()}
+    assert infer_moe_config(_random_tiny_dit().state_dict()) is None
 
 
 def test_parameter_counts_upcycled_dit():

@@ -1,5 +1,6 @@
 """Tests for loading official-layout DiT checkpoints and converting them into perception models (tiny, CPU)."""
 
+import json
 import pickle
 import warnings
 import zipfile
@@ -14,12 +15,32 @@ from diffperc.models.pretrained import drop_sigma, load_pretrained, task_embeddi
 
 # Tiny stand-in for an official checkpoint: depth 2, width 32, 2 heads, patch 2, 8x8 latents with 4 channels,
 # 10 classes plus the null row (label dropout), learn_sigma.
-CFG = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 2, "num_heads": 2,
-       "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": 10, "learn_sigma": True}
+CFG = {
+    "input_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "hidden_size": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_ratio": 4.0,
+    "class_dropout_prob": 0.1,
+    "num_classes": 10,
+    "learn_sigma": True,
+}
 
 
-def official_dit_shapes(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                        class_dropout_prob, num_classes, learn_sigma):
+def official_dit_shapes(
+    input_size,
+    patch_size,
+    in_channels,
+    hidden_size,
+    depth,
+    num_heads,
+    mlp_ratio,
+    class_dropout_prob,
+    num_classes,
+    learn_sigma,
+):
     """Key -> shape of an official DiT state dict, written from the official model definition (models.py).
 
     Reference description of facebookresearch/DiT `DiT`:
@@ -46,24 +67,28 @@ def official_dit_shapes(input_size, patch_size, in_channels, hidden_size, depth,
         "y_embedder.embedding_table.weight": (num_classes + int(class_dropout_prob > 0), d),
     }
     for i in range(depth):
-        shapes.update({
-            f"blocks.{i}.attn.qkv.weight": (3 * d, d),
-            f"blocks.{i}.attn.qkv.bias": (3 * d,),
-            f"blocks.{i}.attn.proj.weight": (d, d),
-            f"blocks.{i}.attn.proj.bias": (d,),
-            f"blocks.{i}.mlp.fc1.weight": (hidden, d),
-            f"blocks.{i}.mlp.fc1.bias": (hidden,),
-            f"blocks.{i}.mlp.fc2.weight": (d, hidden),
-            f"blocks.{i}.mlp.fc2.bias": (d,),
-            f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d),
-            f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
-        })
-    shapes.update({
-        "final_layer.linear.weight": (p * p * out, d),
-        "final_layer.linear.bias": (p * p * out,),
-        "final_layer.adaLN_modulation.1.weight": (2 * d, d),
-        "final_layer.adaLN_modulation.1.bias": (2 * d,),
-    })
+        shapes.update(
+            {
+                f"blocks.{i}.attn.qkv.weight": (3 * d, d),
+                f"blocks.{i}.attn.qkv.bias": (3 * d,),
+                f"blocks.{i}.attn.proj.weight": (d, d),
+                f"blocks.{i}.attn.proj.bias": (d,),
+                f"blocks.{i}.mlp.fc1.weight": (hidden, d),
+                f"blocks.{i}.mlp.fc1.bias": (hidden,),
+                f"blocks.{i}.mlp.fc2.weight": (d, hidden),
+                f"blocks.{i}.mlp.fc2.bias": (d,),
+                f"blocks.{i}.adaLN_modulation.1.weight": (6 * d, d),
+                f"blocks.{i}.adaLN_modulation.1.bias": (6 * d,),
+            }
+        )
+    shapes.update(
+        {
+            "final_layer.linear.weight": (p * p * out, d),
+            "final_layer.linear.bias": (p * p * out,),
+            "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+            "final_layer.adaLN_modulation.1.bias": (2 * d,),
+        }
+    )
     return shapes
 
 
@@ -122,8 +147,10 @@ def test_drop_sigma_output_is_mean_channels(tmp_path):
 
 def test_drop_sigma_selects_per_pixel_rows():
     # Row r of a (p, p, 2C) layout with p = 2, C = 1: pixel r // 2, channel r % 2; the means are rows 0, 2, 4, 6.
-    sd = {"final_layer.linear.weight": torch.arange(8.0)[:, None].repeat(1, 3),
-          "final_layer.linear.bias": torch.arange(8.0)}
+    sd = {
+        "final_layer.linear.weight": torch.arange(8.0)[:, None].repeat(1, 3),
+        "final_layer.linear.bias": torch.arange(8.0),
+    }
     out = drop_sigma(sd, patch_size=2, out_channels=1)
     assert out["final_layer.linear.bias"].tolist() == [0.0, 2.0, 4.0, 6.0]
     assert out["final_layer.linear.weight"][:, 0].tolist() == [0.0, 2.0, 4.0, 6.0]
@@ -140,8 +167,7 @@ def test_widen_patch_embedding_copies_give_source_response(tmp_path):
     assert report["conversions"] == ["x_embedder.proj: widened 4 -> 12 input channels (3 latents)"]
     x, t, y = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model(torch.cat([x, x, x], 1), t, y), _source_model(sd)(x, t, y),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(torch.cat([x, x, x], 1), t, y), _source_model(sd)(x, t, y), atol=1e-5, rtol=0)
         # Same rule as build.widen_input_projection on a model.
         widened = widen_input_projection(_source_model(sd), 3).x_embedder.proj.weight
     torch.testing.assert_close(widen_patch_embedding(sd, 3)["x_embedder.proj.weight"], widened)
@@ -173,14 +199,29 @@ def test_load_pretrained_perception_model_all_conversions(tmp_path):
     file = tmp_path / "DiT-tiny-512.pt"
     torch.save(sd, file)
     # Depth from RGB at a larger grid: 2 latents in, one out, no sigma, 1 task, 16x16 tokens.
-    model = DiT(**{**CFG, "input_size": 32, "in_channels": 8, "out_channels": 4, "learn_sigma": False,
-                   "num_classes": 1, "class_dropout_prob": 0.0})
+    model = DiT(
+        **{
+            **CFG,
+            "input_size": 32,
+            "in_channels": 8,
+            "out_channels": 4,
+            "learn_sigma": False,
+            "num_classes": 1,
+            "class_dropout_prob": 0.0,
+        }
+    )
     report = load_pretrained(model, file, strict=True)
     assert [c.split(":")[0] for c in report["conversions"]] == [
-        "final_layer.linear", "x_embedder.proj", "y_embedder.embedding_table", "pos_embed"]
+        "final_layer.linear",
+        "x_embedder.proj",
+        "y_embedder.embedding_table",
+        "pos_embed",
+    ]
     torch.testing.assert_close(model.pos_embed.detach(), sincos_pos_embed(32, 16).unsqueeze(0), atol=0, rtol=0)
-    torch.testing.assert_close(model.y_embedder.embedding_table.weight.detach(),
-                               sd["y_embedder.embedding_table.weight"][:10].mean(0, keepdim=True))
+    torch.testing.assert_close(
+        model.y_embedder.embedding_table.weight.detach(),
+        sd["y_embedder.embedding_table.weight"][:10].mean(0, keepdim=True),
+    )
     torch.testing.assert_close(model.blocks[1].mlp.fc2.weight.detach(), sd["blocks.1.mlp.fc2.weight"], atol=0, rtol=0)
 
 
@@ -208,19 +249,40 @@ def _assert_weights(model, sd):
 
 def test_load_pretrained_lightning_and_safetensors_same_weights(tmp_path):
     ema, live = _random_official(seed=0), _random_official(seed=1)
-    extras = {"epoch": 3, "global_step": 40, "pytorch-lightning_version": "2.6.0", "hyper_parameters": {"lr": 1e-4},
-              "optimizer_states": [{"state": {0: {"step": torch.tensor(40.0)}}, "param_groups": [{"lr": 1e-4}]}]}
+    extras = {
+        "epoch": 3,
+        "global_step": 40,
+        "pytorch-lightning_version": "2.6.0",
+        "hyper_parameters": {"lr": 1e-4},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(40.0)}}, "param_groups": [{"lr": 1e-4}]}],
+    }
     files = {
         # Plain Lightning checkpoint: the network under `net.`, next to a frozen codec that must be ignored.
-        "plain.ckpt": ({**extras, "state_dict": {**{f"net.{k}": v for k, v in ema.items()},
-                                                  "codec.scale": torch.ones(1)}}, False),
+        "plain.ckpt": (
+            {**extras, "state_dict": {**{f"net.{k}": v for k, v in ema.items()}, "codec.scale": torch.ones(1)}},
+            False,
+        ),
         # EMA copy as a module of the LightningModule: it wins over the live weights.
-        "prefix.ckpt": ({**extras, "state_dict": {**{f"net.{k}": v for k, v in live.items()},
-                                                   **{f"net_ema.{k}": v for k, v in ema.items()}}}, True),
+        "prefix.ckpt": (
+            {
+                **extras,
+                "state_dict": {
+                    **{f"net.{k}": v for k, v in live.items()},
+                    **{f"net_ema.{k}": v for k, v in ema.items()},
+                },
+            },
+            True,
+        ),
         # Lightning's WeightAveraging callback: average in `state_dict`, live weights in `current_model_state`.
-        "averaged.ckpt": ({**extras, "state_dict": {f"net.{k}": v for k, v in ema.items()},
-                           "current_model_state": {f"net.{k}": v for k, v in live.items()},
-                           "averaging_state": {"n_averaged": torch.tensor(40)}}, True),
+        "averaged.ckpt": (
+            {
+                **extras,
+                "state_dict": {f"net.{k}": v for k, v in ema.items()},
+                "current_model_state": {f"net.{k}": v for k, v in live.items()},
+                "averaging_state": {"n_averaged": torch.tensor(40)},
+            },
+            True,
+        ),
     }
     for name, (ckpt, is_ema) in files.items():
         torch.save(ckpt, tmp_path / name)
@@ -280,3 +342,72 @@ def test_load_pretrained_errors_name_file_and_key(tmp_path):
 def test_payload_pickles_by_reference():
     # Guards the malicious-pickle test: the payload must pickle as a call to `open`, not as plain data.
     assert b"open" in pickle.dumps(_Payload("x"))
+
+
+def _moe_state(**layout) -> dict[str, torch.Tensor]:
+    """A tiny DiT-MoE's tensors (4 experts, top-2) in the given SparseMoE layout."""
+    from diffperc.models.moe import to_moe
+
+    model = to_moe(DiT(**CFG), dict(num_experts=4, experts_per_token=2, **layout))
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def test_read_moe_config_from_records_hyperparameters_and_tensors(tmp_path):
+    from diffperc.models.pretrained import read_moe_config
+
+    dit_moe = dict(expert_type="swiglu", num_shared_experts=2, shared_expert_hidden_size=32, normalize_weights=False)
+    state = _moe_state(**dit_moe)
+    full = dict(num_experts=4, experts_per_token=2, capacity_factor=None, balance_loss_coef=0.01, **dit_moe)
+
+    # 1. The record a Lightning checkpoint of this project holds wins (the tensors alone say "1 shared expert 64 wide").
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}, "diffperc": {"moe": full}}, ckpt)
+    assert read_moe_config(ckpt) == full
+    # 2. A checkpoint from before the record: the preset name in its hyper-parameters gives top-k, and normalisation
+    #    is the default the preset was built with then (here contradicted by nothing the tensors can show).
+    old = tmp_path / "old.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in state.items()},
+            "hyper_parameters": {"backbone": {"name": "DiT-S/2-4E2A", "num_shared_experts": 2}},
+        },
+        old,
+    )
+    assert read_moe_config(old) == dict(
+        num_experts=4,
+        experts_per_token=2,
+        num_shared_experts=2,
+        shared_expert_hidden_size=32,
+        expert_type="swiglu",
+        normalize_weights=True,
+    )
+    # 3. A bare safetensors file: what the tensors show, and None for what only a record could tell.
+    bare = tmp_path / "bare.safetensors"
+    save_file(state, str(bare))
+    assert read_moe_config(bare) == dict(
+        num_experts=4,
+        experts_per_token=None,
+        normalize_weights=None,
+        num_shared_experts=1,
+        shared_expert_hidden_size=64,
+        expert_type="swiglu",
+    )
+    # ... unless a `diffperc export` record lies beside it.
+    exported = tmp_path / "exported.safetensors"
+    save_file(state, str(exported))
+    exported.with_suffix(".json").write_text(json.dumps({"moe": full}))
+    assert read_moe_config(exported) == full
+    # 4. An upcycled network's hyper-parameters: top-k of `upcycle`, normalised weights, no shared expert.
+    upcycled = tmp_path / "upcycled.pt"
+    torch.save({**_moe_state(num_shared_experts=0), "hyper_parameters": {"upcycle": {"top_k": 1}}}, upcycled)
+    assert read_moe_config(upcycled) == dict(
+        num_experts=4,
+        experts_per_token=1,
+        normalize_weights=True,
+        num_shared_experts=0,
+        shared_expert_hidden_size=128,
+        expert_type="gelu",
+    )
+    dense = tmp_path / "dense.pt"
+    torch.save(_random_official(), dense)
+    assert read_moe_config(dense) is None

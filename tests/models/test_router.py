@@ -54,3 +54,20 @@ def test_router_route_gets_gradients_only_from_its_task():
     grads = [r.proj.weight.grad for r in model.x_embedder.routes]
     assert grads[0].abs().sum() > 0 and grads[2].abs().sum() > 0
     assert grads[1] is None or grads[1].abs().sum() == 0  # no flow sample in the batch
+
+
+def test_router_gives_a_task_absent_from_the_batch_an_exact_zero_gradient():
+    # DDP with find_unused_parameters=False fails when a parameter gets no gradient: in a mixed batch that holds no
+    # sample of a task, that task's route must still be in the graph, with gradient exactly 0 and unchanged outputs.
+    torch.manual_seed(0)
+    router = PatchEmbedRouter([6, 9, 9], patch_size=2, hidden_size=8)
+    x, task_ids = torch.randn(3, 9, 4, 4), torch.tensor([0, 2, 0])
+    out = router(x, task_ids)
+    out.square().sum().backward()
+    assert torch.equal(router.routes[1].proj.weight.grad, torch.zeros_like(router.routes[1].proj.weight))
+    assert torch.equal(router.routes[1].proj.bias.grad, torch.zeros_like(router.routes[1].proj.bias))
+    assert router.routes[0].proj.weight.grad.abs().sum() > 0 and router.routes[2].proj.weight.grad.abs().sum() > 0
+    with torch.inference_mode():  # the zero term changes no output: same as without autograd, bit for bit
+        torch.testing.assert_close(router(x, task_ids), out.detach(), rtol=0, atol=0)
+        expected = torch.cat([router.routes[i](x[n : n + 1, : [6, 9, 9][i]]) for n, i in enumerate(task_ids.tolist())])
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=1e-6)  # batched vs per-sample convolution
