@@ -1,6 +1,6 @@
 """Samples/s of every procedural generator (depth, flow, amodal, classes) at 32 and 64 px on one CPU core.
 
-To run: python benchmarks/bench_data.py [--quick] [--out FILE.md]
+To run: python benchmarks/bench_data.py [--quick | --tiny] [--out FILE.md]
 The process is pinned to one core and torch uses one thread while generating, as one DataLoader worker would.
 """
 
@@ -12,7 +12,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see OMP_NOTE in common.py
 
 import torch  # noqa: E402
-from common import Goal, Section, bench_main, md_table  # noqa: E402
+from common import Goal, Section, bench_main, md_table, mode_note, sig  # noqa: E402
 
 # (module, class): generators that do not import (not written yet, or broken) are listed as such, not fatal.
 GENERATORS = [
@@ -23,6 +23,8 @@ GENERATORS = [
 ]
 RESOLUTIONS = (32, 64)
 _GOAL = 1000.0
+# New samples per pass and passes, per size (``common.SIZES``).
+_SIZES = {"full": (200, 3), "quick": (30, 1), "tiny": (2, 1)}
 
 
 @contextlib.contextmanager
@@ -53,9 +55,9 @@ def _rate(dataset, samples: int, repeats: int) -> float:
     return sorted(rates)[len(rates) // 2]
 
 
-def run(quick: bool = False) -> Section:
-    """Times ``dataset[i]`` for every generator and resolution."""
-    samples, repeats = (30, 1) if quick else (200, 3)
+def run(size: str = "full") -> Section:
+    """Times ``dataset[i]`` for every generator and resolution (``size``: full, quick or tiny)."""
+    samples, repeats = _SIZES[size]
     rows, goals, missing = [], [], []
     with one_core():
         for module_name, class_name in GENERATORS:
@@ -65,11 +67,11 @@ def run(quick: bool = False) -> Section:
                 missing.append(f"{module_name}.{class_name} ({type(error).__name__}: {error})")
                 continue
             rates = {res: _rate(cls("train", samples * repeats, res), samples, repeats) for res in RESOLUTIONS}
-            rows.append([class_name, *(f"{rates[res]:.0f}" for res in RESOLUTIONS)])
+            rows.append([class_name, *(sig(rates[res]) for res in RESOLUTIONS)])
             r64 = rates[64]
-            goals.append(Goal(f"(d) {class_name} at 64 px, one core", f"{r64:.0f}/s", ">= 1000/s", r64 >= _GOAL))
+            goals.append(Goal(f"(d) {class_name} at 64 px, one core", f"{sig(r64)}/s", ">= 1000/s", r64 >= _GOAL))
     body = [
-        f"{'QUICK MODE (30 samples, 1 pass): a smoke test, not results. ' if quick else ''}"
+        f"{mode_note(size, f'{samples} samples, {repeats} pass')}"
         f"`dataset[i]` (render + tensors) for {samples} new indices per pass, median of {repeats} passes, process "
         f"pinned to one core with torch at 1 thread.",
         "",
@@ -81,4 +83,4 @@ def run(quick: bool = False) -> Section:
 
 
 if __name__ == "__main__":
-    bench_main(lambda a: run(a.quick), __doc__)
+    bench_main(lambda a: run(a.size), __doc__)

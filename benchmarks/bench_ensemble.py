@@ -1,6 +1,6 @@
 """Batched vs one-by-one test-time ensembles (N = 5 members, 10 DDIM steps) on the quickstart depth model's shape.
 
-To run: python benchmarks/bench_ensemble.py [--quick] [--out FILE.md]
+To run: python benchmarks/bench_ensemble.py [--quick | --tiny] [--out FILE.md]
 One-by-one is ``sample_ensemble`` with ``max_batch`` = B inputs (one member per network call, the authors' loop);
 batched puts all N x B rows through each call. Both draw the same per-member noise, so their outputs are compared.
 """
@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from common import Goal, Section, bench_main, md_table, time_interleaved  # noqa: E402
+from common import Goal, Section, bench_main, md_table, mode_note, sig, time_interleaved  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
 from diffperc.data import ProceduralDepth  # noqa: E402
@@ -21,18 +21,23 @@ from diffperc.lit.finetuning import Backbone, PerceptionFinetuning  # noqa: E402
 from diffperc.tasks import DepthTask  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "depth.yaml"
-_MEMBERS, _STEPS, _GOAL = 5, 10, 1.5
+_MEMBERS, _GOAL = 5, 1.5
+# DDIM steps, timed rounds and input batch sizes B per size; --tiny also swaps in a width-32 1-block DiT at 16 px.
+_SIZES = {"full": (10, 10, (1, 8)), "quick": (2, 2, (1, 8)), "tiny": (1, 1, (1, 2))}
+_TINY_BACKBONE, _TINY_IMAGE_SIZE = dict(hidden_size=32, depth=1, num_heads=2), 16
+_MODE = {"quick": "2 DDIM steps, 2 repeats", "tiny": "a width-32 1-block DiT at 16 px, 1 DDIM step, 1 repeat"}
 
 
-def quickstart_module() -> PerceptionFinetuning:
-    """The quickstart depth model (backbone, image size, diffusion settings read from its YAML), untrained but
-    with non-zero output layers, so the outputs compared below are not trivially zero."""
+def quickstart_module(backbone: dict | None = None, image_size: int | None = None) -> PerceptionFinetuning:
+    """The quickstart depth model (backbone, image size, diffusion settings read from its YAML; ``backbone``
+    overrides fields of its backbone, ``image_size`` its image size), untrained but with non-zero output layers, so
+    the outputs compared below are not trivially zero."""
     cfg = yaml.safe_load(QUICKSTART.read_text())["model"]["init_args"]
     torch.manual_seed(0)
     module = PerceptionFinetuning(
         task=DepthTask(**cfg["task"].get("init_args", {})),
-        backbone=Backbone(**cfg["backbone"]),
-        image_size=cfg["image_size"],
+        backbone=Backbone(**{**cfg["backbone"], **(backbone or {})}),
+        image_size=image_size or cfg["image_size"],
         diffusion=DiffusionSettings(**cfg["diffusion"]),
     )
     for p in module.net.parameters():
@@ -41,13 +46,15 @@ def quickstart_module() -> PerceptionFinetuning:
     return module.eval()
 
 
-def run(quick: bool = False, repeats: int | None = None) -> Section:
-    """Times ``predict_batch`` (sampling, decoding, median merge) batched vs one by one for B = 1 and 8 inputs."""
-    repeats = repeats or (2 if quick else 10)
-    steps = 2 if quick else _STEPS
-    module = quickstart_module()
+def run(size: str = "full", repeats: int | None = None) -> Section:
+    """Times ``predict_batch`` (sampling, decoding, median merge) batched vs one by one for B = 1 and 8 inputs
+    (``size``: full, quick or tiny, see ``common.SIZES``; tiny: B = 1 and 2)."""
+    note = mode_note(size, _MODE.get(size, ""))
+    steps, default_repeats, batch_sizes = _SIZES[size]
+    repeats = repeats or default_repeats
+    module = quickstart_module(_TINY_BACKBONE, _TINY_IMAGE_SIZE) if size == "tiny" else quickstart_module()
     rows, goals = [], []
-    for b in (1, 8):
+    for b in batch_sizes:
         data = ProceduralDepth("test", length=b, resolution=module.hparams.image_size)
         batch = default_collate([data[i] for i in range(b)])
         settings = {
@@ -64,19 +71,18 @@ def run(quick: bool = False, repeats: int | None = None) -> Section:
         rows.append(
             [
                 b,
-                f"{times['one-by-one'] * 1e3:.1f}",
-                f"{times['batched'] * 1e3:.1f}",
+                sig(times["one-by-one"] * 1e3),
+                sig(times["batched"] * 1e3),
                 f"{speedup:.2f}x",
-                f"{b / times['batched']:.1f}",
+                sig(b / times["batched"]),
                 f"{diff:.1e}",
             ]
         )
         goals.append(Goal(f"(c) batched vs one-by-one ensemble, B={b}", f"{speedup:.2f}x", ">= 1.5x", speedup >= _GOAL))
     net = module.net
     body = [
-        f"{'QUICK MODE (2 DDIM steps, 2 repeats): a smoke test, not results. ' if quick else ''}"
-        f"`PerceptionFinetuning.predict_batch` (DDIM sampling, decoding, median merge) with N = {_MEMBERS} members, "
-        f"{steps} trailing DDIM steps, the quickstart depth model's shape (DiT {module.backbone.name}: width "
+        f"{note}`PerceptionFinetuning.predict_batch` (DDIM sampling, decoding, median merge) with N = {_MEMBERS} "
+        f"members, {steps} trailing DDIM steps, the quickstart depth model's shape (DiT {module.backbone.name}: width "
         f"{net.hidden_size}, depth {len(net.blocks)}, patch {net.patch_size}, {module.hparams.image_size} px pixel "
         f"space), median of {repeats} interleaved rounds after 1 warm-up. One-by-one = `max_batch` B (each network "
         f"call holds one member of the B inputs); batched = `max_batch` N x B. Max abs diff = largest difference of "
@@ -88,8 +94,10 @@ def run(quick: bool = False, repeats: int | None = None) -> Section:
 
 
 def _args(parser) -> None:
-    parser.add_argument("--repeats", type=int, default=None, help="Timed rounds (default 10; 2 with --quick)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="Timed rounds (default 10; 2 with --quick, 1 with --tiny)"
+    )
 
 
 if __name__ == "__main__":
-    bench_main(lambda a: run(a.quick, a.repeats), __doc__, _args)
+    bench_main(lambda a: run(a.size, a.repeats), __doc__, _args)

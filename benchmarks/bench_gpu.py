@@ -1,6 +1,7 @@
 """DiT-XL/2 training throughput and MFU at 512 px (64x64x4 SD-VAE latents) in bf16 autocast on one CUDA GPU.
 
-To run: python benchmarks/bench_gpu.py [--batch 16] [--steps 20] [--compile] [--peak-tflops 989] [--out FILE.md]
+To run: python benchmarks/bench_gpu.py [--quick | --tiny] [--batch 16] [--steps 20] [--compile] [--peak-tflops 989]
+[--out FILE.md]
 Without CUDA it writes "no GPU on this machine". MFU = 2 x ``count_train_macs`` / step time / the GPU's dense bf16
 peak (a table of known GPUs, or ``--peak-tflops``).
 """
@@ -13,7 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import Section, bench_main, md_table, time_interleaved  # noqa: E402
+from common import Section, bench_main, md_table, mode_note, sig, time_interleaved  # noqa: E402
 
 from diffperc.compute import count_train_macs  # noqa: E402
 from diffperc.models import build_model  # noqa: E402
@@ -28,6 +29,9 @@ PEAK_BF16_TFLOPS = {
     "A10G": 70.0,
     "RTX 4090": 165.0,
 }
+# --tiny: a width-32 1-block DiT on 8x8x4 latents instead of DiT-XL/2 on 64x64x4 (batch 2, 1 step, no warm-up).
+_TINY_OVERRIDES = dict(hidden_size=32, depth=1, num_heads=2)
+_MODE = {"quick": "3 steps", "tiny": "a width-32 1-block DiT, 8x8 latents, batch 2, 1 step"}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -77,39 +81,42 @@ def train_throughput(
 
 
 def run(
-    quick: bool = False, batch: int = 16, steps: int = 20, compile_model: bool = False, peak: float | None = None
+    size: str = "full", batch: int = 16, steps: int = 20, compile_model: bool = False, peak: float | None = None
 ) -> Section:
-    """Measures DiT-XL/2 at 512 px on the first CUDA device; without one, says so."""
+    """Measures DiT-XL/2 at 512 px on the first CUDA device (``size``: full, quick or tiny); without one, says so."""
+    note = mode_note(size, _MODE.get(size, ""))
     if not torch.cuda.is_available():
         return Section("(f) GPU: DiT-XL/2 512 px bf16", "no GPU on this machine")
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    steps = 3 if quick else steps
+    tiny = size == "tiny"
+    steps = {"full": steps, "quick": 3, "tiny": 1}[size]
+    batch, latent, warmup = (2, 8, 0) if tiny else (batch, 64, 3)
+    overrides = _TINY_OVERRIDES if tiny else {}
     torch.manual_seed(0)
     # 512 px through the SD VAE: 64x64x4 latents, 1024 tokens at patch 2; learn_sigma as in the official model.
-    model = build_model("DiT-XL/2", input_size=64, in_channels=4, num_classes=1000)
-    result = train_throughput(model, batch, 64, 4, device, steps, compile_model=compile_model)
+    model = build_model("DiT-XL/2", input_size=latent, in_channels=4, num_classes=1000, **overrides)
+    result = train_throughput(model, batch, latent, 4, device, steps, warmup, compile_model)
     peak = peak or peak_tflops(name)
-    mfu = f"{100 * result['achieved_flops'] / (peak * 1e12):.1f}%" if peak else "unknown peak (pass --peak-tflops)"
+    mfu = f"{sig(100 * result['achieved_flops'] / (peak * 1e12))}%" if peak else "unknown peak (pass --peak-tflops)"
     command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     rows = [
         [
             name,
             batch,
-            f"{result['step_s'] * 1e3:.0f}",
-            f"{result['images_per_s']:.1f}",
-            f"{result['train_flops'] / 1e12:.2f}",
-            f"{result['achieved_flops'] / 1e12:.0f}",
+            sig(result["step_s"] * 1e3),
+            sig(result["images_per_s"]),
+            sig(result["train_flops"] / 1e12),
+            sig(result["achieved_flops"] / 1e12),
             f"{peak:.0f}" if peak else "?",
             mfu,
             f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}",
         ]
     ]
     body = [
-        f"{'QUICK MODE (3 steps): a smoke test, not results. ' if quick else ''}"
-        f"DiT-XL/2 (675M parameters), 512 px = 64x64x4 latents (1024 tokens), bf16 autocast, fused AdamW, "
-        f"{'torch.compile, ' if compile_model else 'eager, '}median of {steps} steps after 3 warm-up. Train FLOPs = "
-        f"2 x `count_train_macs`; MFU against the dense bf16 peak. Command: `{command}`",
+        f"{note}DiT-XL/2 (675M parameters), 512 px = 64x64x4 latents (1024 tokens), bf16 autocast, fused AdamW, "
+        f"{'torch.compile, ' if compile_model else 'eager, '}median of {steps} steps after {warmup} warm-up. Train "
+        f"FLOPs = 2 x `count_train_macs`; MFU against the dense bf16 peak. Command: `{command}`",
         "",
         md_table(
             ["GPU", "batch", "ms / step", "images/s", "TFLOP / step", "TFLOP/s", "peak TFLOP/s", "MFU", "max mem GiB"],
@@ -127,4 +134,4 @@ def _args(parser) -> None:
 
 
 if __name__ == "__main__":
-    bench_main(lambda a: run(a.quick, a.batch, a.steps, a.compile, a.peak_tflops), __doc__, _args)
+    bench_main(lambda a: run(a.size, a.batch, a.steps, a.compile, a.peak_tflops), __doc__, _args)

@@ -41,7 +41,7 @@ def _steps_per_second(module: DiffusionPretraining, loader: DataLoader, steps: i
     return statistics.median(times[1:]), sum(times[1:])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--vae_channels", default="32,64,64", help="AutoencoderKL block_out_channels")
@@ -49,15 +49,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--backbone", default="t1")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     channels = tuple(int(c) for c in args.vae_channels.split(","))
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
-                      up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
-                      latent_channels=4, layers_per_block=1, norm_num_groups=min(32, channels[0]),
-                      sample_size=args.resolution).save_pretrained(f"{tmp}/vae")
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(channels),
+            up_block_types=("UpDecoderBlock2D",) * len(channels),
+            block_out_channels=channels,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=min(32, channels[0]),
+            sample_size=args.resolution,
+        ).save_pretrained(f"{tmp}/vae")
         codec = VAECodec(f"{tmp}/vae").to(args.device)
         num_images = args.batch_size * (args.steps + 1)
         data = ProceduralClasses("train", length=num_images, resolution=args.resolution)
@@ -66,9 +73,13 @@ def main() -> None:
         cache_latents(data, codec, f"{tmp}/cache", shard_size=256, batch_size=args.batch_size, device=args.device)
         cache_seconds = time.perf_counter() - start
 
-        module = DiffusionPretraining(codec=codec, backbone=Backbone(args.backbone, patch_size=2),
-                                      image_size=args.resolution, ema=EMASettings(decay=None),
-                                      sampling=SamplingSettings(num_samples=0)).to(args.device)
+        module = DiffusionPretraining(
+            codec=codec,
+            backbone=Backbone(args.backbone, patch_size=2),
+            image_size=args.resolution,
+            ema=EMASettings(decay=None),
+            sampling=SamplingSettings(num_samples=0),
+        ).to(args.device)
         images = DataLoader(data, batch_size=args.batch_size, shuffle=True)
         latents = DataLoader(LatentCache(f"{tmp}/cache"), batch_size=args.batch_size, shuffle=True)
         raw_step, raw_total = _steps_per_second(module, images, args.steps)
@@ -77,14 +88,18 @@ def main() -> None:
     per_image_raw = raw_total / (args.steps * args.batch_size)
     per_image_cached = cached_total / (args.steps * args.batch_size)
     per_image_cache = cache_seconds / num_images  # both orientations encoded
-    print(f"device {args.device}, {torch.get_num_threads()} threads, {args.resolution} px, VAE {channels}, "
-          f"latents {codec.latent_channels}x{args.resolution // codec.downsample}^2, DiT {args.backbone}/2, "
-          f"batch {args.batch_size}, {args.steps} timed steps")
+    print(
+        f"device {args.device}, {torch.get_num_threads()} threads, {args.resolution} px, VAE {channels}, "
+        f"latents {codec.latent_channels}x{args.resolution // codec.downsample}^2, DiT {args.backbone}/2, "
+        f"batch {args.batch_size}, {args.steps} timed steps"
+    )
     print(f"images -> encode -> step : {raw_step * 1e3:8.1f} ms/step (median), {1 / per_image_raw:8.1f} images/s")
     print(f"cached latents -> step   : {cached_step * 1e3:8.1f} ms/step (median), {1 / per_image_cached:8.1f} images/s")
     print(f"speed-up per step        : {raw_step / cached_step:8.2f}x")
-    print(f"one-off cache (+ flipped): {per_image_cache * 1e3:8.2f} ms/image; pays for itself after "
-          f"{per_image_cache / max(per_image_raw - per_image_cached, 1e-12):.2f} epochs")
+    print(
+        f"one-off cache (+ flipped): {per_image_cache * 1e3:8.2f} ms/image; pays for itself after "
+        f"{per_image_cache / max(per_image_raw - per_image_cached, 1e-12):.2f} epochs"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from common import sig, write_markdown  # noqa: E402
 from torch import nn  # noqa: E402
 
 from diffperc.models.dit import Mlp  # noqa: E402
@@ -53,7 +54,8 @@ def _step(module: nn.Module, x: torch.Tensor) -> None:
     module(x).square().mean().backward()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
+    """Parses ``argv`` (default: the command line), measures, prints and returns the markdown."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="Markdown file for the results (e.g. benchmarks/results_moe.md)")
     parser.add_argument("--device", default="cpu")
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core available)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or available)
@@ -108,7 +110,7 @@ def main() -> None:
         f"{args.warmup} warm-up; ratios use the medians"
     )
     lines = [header, "", "| variant | median ms | best ms |", "|---|---|---|"]
-    lines += [f"| {name} | {median[name]:.1f} | {best[name]:.1f} |" for name in variants]
+    lines += [f"| {name} | {sig(median[name])} | {sig(best[name])} |" for name in variants]
     naive_ratio = median["naive masked loop"] / median["ours"]
     dense_ratio = median["ours"] / median["dense, same active MACs"]
     ceiling = median["naive masked loop"] / median["dense, same active MACs"]
@@ -122,8 +124,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_markdown(args.out, text)
+    return text
 
 
 if __name__ == "__main__":

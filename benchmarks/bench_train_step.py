@@ -1,6 +1,6 @@
 """DiT training step (forward + backward + AdamW) for t3, t6 and DiT-S/2 shapes: eager vs torch.compile, FLOP/s.
 
-To run: python benchmarks/bench_train_step.py [--quick] [--compile t3|all|none] [--out FILE.md]
+To run: python benchmarks/bench_train_step.py [--quick | --tiny] [--compile t3|all|none] [--out FILE.md]
 Achieved FLOP/s = 2 x ``diffperc.compute.count_train_macs`` / median step time, against an fp32 ``torch.mm`` timed
 in the same interleaved rounds (so a noisy neighbour slows both alike). Also times AdamW's CPU implementations.
 """
@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import Goal, Section, bench_main, md_table, time_interleaved  # noqa: E402
+from common import Goal, Section, bench_main, md_table, mode_note, sig, time_interleaved  # noqa: E402
 
 from diffperc.compute import count_train_macs  # noqa: E402
 from diffperc.models import build_model, widen_input_projection  # noqa: E402
@@ -27,14 +27,18 @@ _SHAPES = {
 }
 # --quick keeps the widths and depths but shrinks the batch: it checks the code path, its numbers are not results.
 _QUICK_BATCH = {"t3": 8, "t6": 4, "DiT-S/2": 1}
+# --tiny replaces them with one DiT of width 32 and 1 block on 8x8 inputs, batch 2 (GEMM 64x64): seconds, not results.
+_TINY_SHAPES = {"tiny": ("t1", dict(patch_size=2, hidden_size=32, depth=1, num_heads=2), (2, 3, 8, 8))}
+_GEMM_SIZE = {"full": 2048, "quick": 1024, "tiny": 64}
+_MODE = {"quick": "tiny batches, 1 repeat", "tiny": "a width-32 1-block DiT, batch 2, 1 repeat"}
 _GOAL_WIDTH = 384
 _GOAL_FRACTION = 0.5
 
 
-def _build(name: str, batch: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]:
-    """The fine-tuning network (one condition latent + the noisy target, as PerceptionFinetuning builds it) and a
-    seeded batch: inputs (x, t, y) and a regression target."""
-    preset, overrides, (_, c, h, w) = _SHAPES[name]
+def _build(shape: tuple, batch: int) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor]:
+    """The fine-tuning network of ``shape`` (a ``_SHAPES`` value; one condition latent + the noisy target, as
+    PerceptionFinetuning builds it) and a seeded batch: inputs (x, t, y) and a regression target."""
+    preset, overrides, (_, c, h, w) = shape
     torch.manual_seed(0)
     net = build_model(
         preset, input_size=h, in_channels=c, learn_sigma=False, num_classes=1, class_dropout_prob=0.0, **overrides
@@ -123,16 +127,19 @@ def _adamw_variants(net: torch.nn.Module, repeats: int) -> tuple[dict[str, float
     return {name: t.median for name, t in times.items()}, diff
 
 
-def run(quick: bool = False, compile_models: str = "t3", repeats: int | None = None) -> Section:
-    """Times the training step of every shape; ``compile_models`` is ``none``, ``all`` or one shape name."""
-    repeats = repeats or (1 if quick else 3)
-    n_gemm = 1024 if quick else 2048
-    if compile_models not in ("none", "all", *_SHAPES):
-        raise ValueError(f"`--compile` must be none, all or one of {list(_SHAPES)}, got {compile_models!r}")
+def run(size: str = "full", compile_models: str = "t3", repeats: int | None = None) -> Section:
+    """Times the training step of every shape; ``size`` is full, quick or tiny (``common.SIZES``) and
+    ``compile_models`` is ``none``, ``all`` or one shape name."""
+    note = mode_note(size, _MODE.get(size, ""))
+    shapes = _TINY_SHAPES if size == "tiny" else _SHAPES
+    repeats = repeats or (3 if size == "full" else 1)
+    n_gemm = _GEMM_SIZE[size]
+    if compile_models not in ("none", "all", *shapes):
+        raise ValueError(f"`--compile` must be none, all or one of {list(shapes)}, got {compile_models!r}")
     shape_rows, rows, opt_rows, goals, notes = [], [], [], [], []
-    for name in _SHAPES:
-        batch = _QUICK_BATCH[name] if quick else _SHAPES[name][2][0]
-        net, inputs, target = _build(name, batch)
+    for name, shape in shapes.items():
+        batch = _QUICK_BATCH[name] if size == "quick" else shape[2][0]
+        net, inputs, target = _build(shape, batch)
         flops = 2 * count_train_macs(net, *inputs)  # forward + backward; AdamW's O(params) update is not counted
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)  # what the configs use: the default implementation
         gemm, step = _gemm(n_gemm), _make_step(net, optimizer, inputs, target)
@@ -156,10 +163,10 @@ def run(quick: bool = False, compile_models: str = "t3", repeats: int | None = N
                 name,
                 f"{net.hidden_size} x {len(net.blocks)}",
                 f"{tuple(x.shape)}, p{net.patch_size}, {tokens} tok",
-                f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M",
-                f"{flops / 1e9:.1f}",
-                f"{rate['mkl'] / 1e9:.0f}",
-                f"{rate['onednn'] / 1e9:.0f}",
+                f"{sig(sum(p.numel() for p in net.parameters()) / 1e6)}M",
+                sig(flops / 1e9),
+                sig(rate["mkl"] / 1e9),
+                sig(rate["onednn"] / 1e9),
             ]
         )
         variants = [("eager", "eager", "mkl"), ("compiled", "torch.compile", "mkl")]
@@ -176,21 +183,21 @@ def run(quick: bool = False, compile_models: str = "t3", repeats: int | None = N
                 [
                     name,
                     label + extra,
-                    f"{times[key] * 1e3:.0f}",
-                    f"{achieved / 1e9:.1f}",
-                    f"{100 * achieved / rate[gemm_kind]:.0f}% of {'MKL' if gemm_kind == 'mkl' else 'oneDNN'}",
+                    sig(times[key] * 1e3),
+                    sig(achieved / 1e9),
+                    f"{sig(100 * achieved / rate[gemm_kind])}% of {'MKL' if gemm_kind == 'mkl' else 'oneDNN'}",
                     f"{times['eager'] / times[key]:.2f}x",
                 ]
             )
         if net.hidden_size >= _GOAL_WIDTH:
             value = f"{100 * best:.0f}%"
             goals.append(Goal(f"(a) {name} train step FLOP/s vs fp32 GEMM", value, ">= 50%", best >= _GOAL_FRACTION))
-        adam, diff = _adamw_variants(net, repeats=1 if quick else 10)
+        adam, diff = _adamw_variants(net, repeats=10 if size == "full" else 1)
         default, fused = adam["default (for-loop)"], adam["fused"]
         opt_rows.append(
             [
                 name,
-                *(f"{adam[k] * 1e3:.1f}" for k in adam),
+                *(sig(adam[k] * 1e3) for k in adam),
                 f"{default / fused:.1f}x",
                 f"{100 * (default - fused) / times['eager']:.1f}%",
                 f"{diff:.1e}",
@@ -200,14 +207,13 @@ def run(quick: bool = False, compile_models: str = "t3", repeats: int | None = N
         del net, optimizer, fns
 
     body = [
-        f"{'QUICK MODE (tiny batches, 1 repeat): a smoke test, not results. ' if quick else ''}"
-        f"Forward + backward + `AdamW.step()` of the fine-tuning DiT (condition + noisy target on channels, MSE), "
-        f"median of {repeats} interleaved rounds after 1 warm-up. Train FLOPs = 2 x `count_train_macs` (matmuls, "
+        f"{note}Forward + backward + `AdamW.step()` of the fine-tuning DiT (condition + noisy target on channels, "
+        f"MSE), median of {repeats} interleaved rounds after 1 warm-up. Train FLOPs = 2 x `count_train_macs` (matmuls, "
         f"convolutions and attention; elementwise ops, norms and the optimizer update count zero). GEMM = fp32 "
         f"`torch.mm` {n_gemm}x{n_gemm} timed in the same rounds, through MKL (torch's default fp32 path) and "
         f'through oneDNN (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`, the only switch that routes fp32 '
         f"matmuls to oneDNN; see the gradient check below). bf16 GEMM for reference (not used): "
-        f"{_bf16_gemm_rate(n_gemm, repeats + 2) / 1e9:.0f} GFLOP/s.",
+        f"{sig(_bf16_gemm_rate(n_gemm, repeats + 2) / 1e9)} GFLOP/s.",
         "",
         md_table(
             [
@@ -250,8 +256,8 @@ def run(quick: bool = False, compile_models: str = "t3", repeats: int | None = N
 
 def _args(parser) -> None:
     parser.add_argument("--compile", default="t3", help="Shapes to torch.compile: none, all, or one of t3, t6, DiT-S/2")
-    parser.add_argument("--repeats", type=int, default=None, help="Timed rounds (default 3; 1 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="Timed rounds (default 3; 1 with --quick or --tiny)")
 
 
 if __name__ == "__main__":
-    bench_main(lambda a: run(a.quick, a.compile, a.repeats), __doc__, _args)
+    bench_main(lambda a: run(a.size, a.compile, a.repeats), __doc__, _args)

@@ -5,6 +5,7 @@ Imported first by every ``bench_*.py`` so that OMP_WAIT_POLICY is set before tor
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -21,6 +22,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from diffperc.utils import atomic_write_bytes  # noqa: E402
+
+# How big a run is: "full" measures (``make bench``); "quick" keeps the real widths with smaller batches and fewer
+# repeats; "tiny" runs every code path once on tiny models in seconds (tests/test_benchmarks.py). Only "full" numbers
+# are results.
+SIZES = ("full", "quick", "tiny")
 
 OMP_NOTE = (
     "`OMP_WAIT_POLICY=PASSIVE` (set before torch starts, unless the environment sets it): idle OpenMP worker "
@@ -115,6 +121,21 @@ def time_median(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timi
     return time_interleaved({"fn": fn}, repeats, warmup)["fn"]
 
 
+def mode_note(size: str, what: str) -> str:
+    """The sentence that opens a --quick or --tiny section (``what`` says how it is smaller); "" for a full run."""
+    if size not in SIZES:
+        raise ValueError(f"`size` must be one of {SIZES}, got {size!r}")
+    return "" if size == "full" else f"{size.upper()} MODE ({what}): a smoke test, not results. "
+
+
+def sig(x: float, digits: int = 3) -> str:
+    """``x`` with ``digits`` significant digits in fixed point, so tiny and large times both keep their precision:
+    1234.5 -> "1234", 12.345 -> "12.3", 0.012345 -> "0.0123"."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    return f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
+
+
 def md_table(header: list[str], rows: list[list[object]]) -> str:
     """A GitHub markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -156,10 +177,19 @@ def write_markdown(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def add_size_args(parser: argparse.ArgumentParser) -> None:
+    """``--quick`` and ``--tiny``, stored as ``args.size`` (default "full"; see ``SIZES``)."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="size", action="store_const", const="quick", help="Small batches, few repeats")
+    size.add_argument("--tiny", dest="size", action="store_const", const="tiny", help="Tiny models: checks the code")
+    parser.set_defaults(size="full")
+
+
 def bench_main(run: Callable[[argparse.Namespace], Section], doc: str, add_args=None) -> None:
-    """Command line of a single benchmark: ``--quick``, ``--out FILE.md``, ``--threads``, plus ``add_args``."""
+    """Command line of a single benchmark: ``--quick`` / ``--tiny``, ``--out FILE.md``, ``--threads``, plus
+    ``add_args``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Small shapes and few repeats (a smoke test)")
+    add_size_args(parser)
     parser.add_argument("--out", default=None, help="Also write this section to a markdown file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     if add_args is not None:
