@@ -51,12 +51,65 @@ class DiffpercCLI(LightningCLI):
             except LOAD_ERRORS as err:
                 raise load_error(ckpt_path, err) from err
 
+    def _require_trained_weights(self) -> None:
+        """validate / test / predict score a model: refuse to run on untrained weights.
+
+        Lightning turns ``--ckpt_path last`` without a checkpoint into "no checkpoint" with a warning, and runs on the
+        freshly initialised network; a metrics file from it would be a number nobody measured.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            if _last_checkpoints(self.trainer):
+                return
+            folders = sorted({str(d) for d in _checkpoint_dirs(self.trainer)}) or [str(self.trainer.default_root_dir)]
+            raise FileNotFoundError(
+                f"`--ckpt_path last`: no checkpoint in {', '.join(folders)}. Train first (`diffperc fit` with the "
+                "same --config files and overrides), or pass a checkpoint file as `--ckpt_path PATH`."
+            )
+        if ckpt_path is None and not getattr(self.model, "hparams", {}).get("init_from"):
+            raise ValueError(
+                f"`diffperc {subcommand}` needs trained weights: pass `--ckpt_path last` (this run's checkpoint), "
+                "`--ckpt_path PATH`, or `--model.init_args.init_from PATH`; an untrained model is never scored."
+            )
+
+    def before_validate(self) -> None:
+        self._require_trained_weights()
+
+    def before_test(self) -> None:
+        self._require_trained_weights()
+
+    def before_predict(self) -> None:
+        self._require_trained_weights()
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         # Crash-safe (temp file + rename), weights-only checkpoint files unless the config chose another CheckpointIO.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _checkpoint_dirs(trainer) -> list[Path]:
+    """Where the trainer's ModelCheckpoint callbacks write (the run's ``checkpoints/`` folder by default)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    dirs = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            dirs.append(Path(callback._ModelCheckpoint__resolve_ckpt_dir(trainer)))
+    return dirs
+
+
+def _last_checkpoints(trainer) -> list[str]:
+    """The files Lightning chooses from for ``ckpt_path="last"``: ``last*.ckpt`` in the checkpoint folders."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            found += callback._find_last_checkpoints(trainer)
+    return [path for path in found if Path(path).is_file()]
 
 
 # Project subcommands that need no Trainer: name -> "module:function" taking the remaining argv.

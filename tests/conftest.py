@@ -27,3 +27,19 @@ def _ensure_clean_repo():
     yield
     new = {p.name for p in ROOT.iterdir()} - before
     assert not new, f"test left files in the repository root: {sorted(new)}"
+
+
+@pytest.fixture(scope="session")
+def toy_assets(tmp_path_factory):
+    """The toy data sets, weights and predict folders the shipped recipes are run on (``tiny_runs.make_assets``)."""
+    import tiny_runs
+
+    return tiny_runs.make_assets(tmp_path_factory.mktemp("toy_assets"))
+
+
+@pytest.fixture(scope="session")
+def recipes(toy_assets, tmp_path_factory):
+    """Toy runs of the shipped recipes, each fitted once per session (``tiny_runs.Recipes``)."""
+    import tiny_runs
+
+    return tiny_runs.Recipes(toy_assets, tmp_path_factory.mktemp("recipes"))

@@ -1,6 +1,6 @@
 """``diffperc predict --data.images`` on flow and amodal folders, through the CLI: a 2-step quickstart fit (tiny model,
-16 px) per model, then predict reads the folder in the task's layout and writes exactly the task's files at each
-input's own size. The fits are shared per module (one per model), so the whole file takes ~30 s on 2 CPU cores."""
+16 px, the shared toy runs of ``tiny_runs.Recipes``) per model, then predict reads the folder in the task's layout
+and writes exactly the task's files at each input's own size."""
 
 import shutil
 from pathlib import Path
@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import yaml
 
 from diffperc.cli import main
 from diffperc.data.flowviz import flow_to_color
@@ -19,48 +18,10 @@ FLOW_PAIRS = {"a": ("a_1.png", "a_2.png", (21, 37)), "chair": ("chair_img1.ppm",
 AMODAL_INPUTS = {"obj": (18, 30), "obj.v2": (33, 12)}  # a dot in a name must not cut the output name to `obj`
 
 
-def _data(cls: str, split: str, length: int) -> dict:
-    return {"class_path": cls, "init_args": {"split": split, "length": length, "resolution": 16}}
-
-
-def _fit(run_root: Path, config: str, data: dict) -> tuple[list[str], Path]:
-    """Fits ``configs/quickstart/<config>`` for 2 steps with a t1-width DiT at 16 px; returns the config arguments
-    (base + tiny override) that predict reuses and the run directory."""
-    override = {
-        "trainer": {
-            "max_steps": 2,
-            "log_every_n_steps": 1,
-            "limit_val_batches": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(run_root), "name": "run", "version": ""},
-            },
-            "callbacks": [  # no validation runs, so save every step to get `last.ckpt`
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1},
-                }
-            ],
-        },
-        "model": {
-            "init_args": {
-                "backbone": {"name": "t1", "hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 2},
-                "image_size": 16,
-                "inference": {"num_steps": 1, "ensemble_size": 2},  # an ensemble: uncertainty exists but is not written
-            }
-        },
-        "data": {
-            "init_args": {**data, "batch_size": 4, "num_workers": 0, "predict_resolution": 16, "predict_multiple": 2}
-        },
-    }
-    path = run_root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(override))
-    args = ["--config", str(QUICKSTART / config), "--config", str(path)]
-    main(["fit", *args])
-    assert (run_root / "run" / "checkpoints" / "last.ckpt").is_file()
-    return args, run_root / "run"
+def _fitted(recipes, config: str) -> tuple[list[str], Path]:
+    """The shared toy fit of ``configs/quickstart/<config>`` (``tiny_runs.Recipes``): its config arguments and run."""
+    path, run = recipes.fit(f"configs/quickstart/{config}")
+    return ["--config", str(path)], run
 
 
 def _predict(fitted: tuple[list[str], Path], images: Path, *extra: str) -> Path:
@@ -87,10 +48,8 @@ def flow_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory) -> tuple[list[str], Path]:
-    cls = "diffperc.data.procedural_flow.ProceduralFlow"
-    data = {"train": _data(cls, "train", 8), "val": _data(cls, "val", 4), "test": _data(cls, "test", 4)}
-    return _fit(tmp_path_factory.mktemp("flow"), "flow.yaml", data)
+def flow_run(recipes) -> tuple[list[str], Path]:
+    return _fitted(recipes, "flow.yaml")
 
 
 def _assert_flow_outputs(out: Path) -> None:
@@ -115,10 +74,8 @@ def test_predict_flow_consecutive_frames_of_a_video_folder(flow_run, tmp_path):
     assert read_flo(out / "frame001_frame002_flow.flo").shape == (12, 20, 2)
 
 
-def test_predict_amodal_writes_whole_and_binary_mask_at_input_size(tmp_path):
-    cls = "diffperc.data.procedural_amodal.ProceduralAmodal"
-    data = {"train": _data(cls, "train", 8), "val": _data(cls, "val", 4), "test": _data(cls, "test", 4)}
-    fitted = _fit(tmp_path, "amodal.yaml", data)
+def test_predict_amodal_writes_whole_and_binary_mask_at_input_size(recipes, tmp_path):
+    fitted = _fitted(recipes, "amodal.yaml")
     images = tmp_path / "images"
     images.mkdir()
     for seed, (name, (h, w)) in enumerate(AMODAL_INPUTS.items()):
@@ -139,12 +96,6 @@ def test_predict_amodal_writes_whole_and_binary_mask_at_input_size(tmp_path):
         assert mask.shape == (h, w) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
 
 
-def test_predict_generalist_flow_reads_named_pairs(tmp_path, flow_folder):
-    classes = (
-        "diffperc.data.ProceduralDepth",
-        "diffperc.data.procedural_flow.ProceduralFlow",
-        "diffperc.data.procedural_amodal.ProceduralAmodal",
-    )
-    data = {"length": 8, **{split: [_data(c, split, 4) for c in classes] for split in ("train", "val", "test")}}
-    fitted = _fit(tmp_path, "generalist.yaml", data)
+def test_predict_generalist_flow_reads_named_pairs(recipes, flow_folder):
+    fitted = _fitted(recipes, "generalist.yaml")
     _assert_flow_outputs(_predict(fitted, flow_folder, "--model.init_args.predict_task", "flow"))
