@@ -3,20 +3,27 @@
 TORCH ?= torch==2.13.0
 ifdef VIRTUAL_ENV
   PY := python
+  ENV_DIR := $(VIRTUAL_ENV)
 else
   PY := .venv/bin/python
+  ENV_DIR := .venv
 endif
+# diffperc is installed in editable mode: code changes need no reinstall, a changed pyproject.toml does.
+INSTALLED := $(ENV_DIR)/.diffperc-installed
 CONFIG ?= configs/quickstart/depth.yaml
 SWEEP ?= sweeps/tiny/model_size.yaml
 
 .PHONY: install test test-fast demo lint format bench models sweep reproduce-tiny clean
 
-$(PY):
+.venv/bin/python:
 	python3 -m venv .venv
 
-install: $(PY)
+$(INSTALLED): pyproject.toml | $(if $(VIRTUAL_ENV),,.venv/bin/python)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
 	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(INSTALLED)
 
 test: install
 	$(PY) -m pytest -q --timeout 900 --durations 10

@@ -33,6 +33,24 @@ def tiny_finetuning(task=None, *, depth: int = 1, patch_size: int = 2, lr: float
     )
 
 
+def tiny_vae():
+    """A seeded 2-level AutoencoderKL (8/16 channels, 4 latent channels, downsample 2): the VAE tests save and load."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+
+
 def quiet_trainer(**kwargs) -> Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or model summary, unless ``kwargs`` says otherwise."""
     defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,

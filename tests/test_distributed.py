@@ -126,12 +126,18 @@ def single_process_weights(tmp_path_factory) -> dict[str, torch.Tensor]:
     return _net_state(out)
 
 
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[str, Path]:
+    """One 2-process torchrun (start-up is most of its cost) fits the dense DiT, then the MoE with an idle expert."""
+    folder = tmp_path_factory.mktemp("ddp")
+    seconds = _torchrun("ddp", folder / "ddp.ckpt", ("--moe-out", str(folder / "ddp_moe.ckpt")))
+    print(f"2-process DDP on CPU, dense then MoE: {seconds:.1f} s for 2 x {STEPS} steps, including start-up")
+    return {"dense": folder / "ddp.ckpt", "moe": folder / "ddp_moe.ckpt"}
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path, single_process_weights):
-    out = tmp_path / "ddp.ckpt"
-    seconds = _torchrun("ddp", out)
-    print(f"2-process DDP on CPU: {seconds:.1f} s for {STEPS} steps, including start-up")
-    ddp = _net_state(out)
+def test_ddp_two_processes_match_one_process(ddp_runs, single_process_weights):
+    ddp = _net_state(ddp_runs["dense"])
     _assert_same_weights(ddp, single_process_weights)
     init = _module().state_dict()
     moved = max((ddp[k] - init[k]).abs().max().item() for k in ddp)
@@ -139,13 +145,10 @@ def test_ddp_two_processes_match_one_process(tmp_path, single_process_weights):
 
 
 @pytest.mark.slow
-def test_plain_ddp_trains_an_moe_whose_expert_gets_no_token(tmp_path):
+def test_plain_ddp_trains_an_moe_whose_expert_gets_no_token(ddp_runs):
     # Plain DDP (find_unused_parameters=False, as configs/depth_xl_8e2a.yaml runs) raises at the second step if a
     # parameter got no gradient in the first; an expert that no token chose gets an exact zero gradient instead.
-    out = tmp_path / "ddp_moe.ckpt"
-    seconds = _torchrun("ddp", out, ("--moe",))
-    print(f"2-process plain DDP, MoE with an idle expert: {seconds:.1f} s for {STEPS} steps, including start-up")
-    ddp = _net_state(out)
+    ddp = _net_state(ddp_runs["moe"])
     init = _moe_module().state_dict()
     idle = [k for k in ddp if f".mlp.experts.{UNUSED_EXPERT}." in k]
     assert len(idle) == 2 * 4  # 2 blocks x (fc1, fc2) x (weight, bias)
@@ -276,16 +279,13 @@ def _main() -> None:
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--moe", action="store_true", help="the upcycled tiny DiT with an expert that gets no token")
+    parser.add_argument("--moe-out", type=Path, help="then also fit the upcycled tiny DiT whose expert 3 gets no token")
     args = parser.parse_args()
     start = time.perf_counter()
-    _fit(
-        args.strategy,
-        int(os.environ.get("WORLD_SIZE", "1")),
-        args.out,
-        activation_checkpointing=args.activation_checkpointing,
-        moe=args.moe,
-    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _fit(args.strategy, world, args.out, activation_checkpointing=args.activation_checkpointing)
+    if args.moe_out:  # a second Trainer in the same process group
+        _fit(args.strategy, world, args.moe_out, moe=True)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.strategy}: Trainer.fit + save {time.perf_counter() - start:.2f} s")
 

@@ -25,6 +25,8 @@ import yaml
 from diffperc.cli import DiffpercCLI
 from diffperc.data.io import read_flo
 
+from helpers import tiny_vae
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = dict(hidden_size=32, depth=1, num_heads=2, patch_size=2)
 IMAGE_SIZE = 16  # pixels; 8x8 latents through the tiny VAE, 16 tokens at patch 2
@@ -108,20 +110,7 @@ def make_assets(folder: Path) -> Assets:
                 _imwrite(imagenet / split / wnid / f"{wnid}_{i}.JPEG", _rgb(rng, 20, 28))
 
     # A tiny AutoencoderKL as the `vae/` subfolder of a pipeline folder, as the recipes' `subfolder: vae` expects.
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     sd2 = folder / "stable-diffusion-2"
     vae.save_pretrained(sd2 / "vae")
 

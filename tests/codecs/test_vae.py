@@ -2,21 +2,16 @@
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DModel
+from diffusers import UNet2DModel
 
 from diffperc.codecs import VAECodec
 
-
-def _tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                         layers_per_block=1, norm_num_groups=8, sample_size=16)
+from helpers import tiny_vae
 
 
 @pytest.fixture
 def vae_dir(tmp_path):
-    vae = _tiny_vae()
+    vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
     return tmp_path / "vae", vae
 
@@ -55,7 +50,7 @@ def test_vae_codec_batches_and_stays_frozen(vae_dir):
 
 
 def test_vae_codec_loads_from_a_pipeline_subfolder(tmp_path):
-    _tiny_vae().save_pretrained(tmp_path / "pipe" / "vae")
+    tiny_vae().save_pretrained(tmp_path / "pipe" / "vae")
     assert VAECodec(str(tmp_path / "pipe"), subfolder="vae").latent_channels == 4
     with pytest.raises(ValueError, match="no config.json"):
         VAECodec(str(tmp_path / "pipe"))
@@ -74,7 +69,7 @@ def test_vae_codec_rejects_missing_and_non_vae_folders(tmp_path):
     with pytest.raises(ValueError, match="holds a UNet2DModel, not an AutoencoderKL"):
         VAECodec(str(tmp_path / "unet"))
     # A VAE config without weights.
-    _tiny_vae().save_pretrained(tmp_path / "noweights")
+    tiny_vae().save_pretrained(tmp_path / "noweights")
     (tmp_path / "noweights" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(ValueError, match="Could not load an AutoencoderKL"):
         VAECodec(str(tmp_path / "noweights"))

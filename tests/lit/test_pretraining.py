@@ -18,7 +18,7 @@ from diffperc.models import DiT, build_model, parameter_counts
 from diffperc.models.pretrained import load_pretrained
 from diffperc.tasks import DepthTask
 
-from helpers import quiet_trainer
+from helpers import quiet_trainer, tiny_vae
 
 TINY = dict(name="t1", patch_size=4, hidden_size=32, depth=1, num_heads=2)
 DECAY = 0.5
@@ -184,22 +184,9 @@ def test_pretraining_rejects_cfg_without_null_label():
 
 
 def test_pretraining_checkpoint_leaves_out_the_vae_and_resumes(tmp_path):
-    from diffusers import AutoencoderKL
-
     from diffperc.codecs import VAECodec
 
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=16,
-    ).save_pretrained(tmp_path / "vae")
+    tiny_vae().save_pretrained(tmp_path / "vae")
 
     def fit(max_steps, ckpt_path=None):
         module = DiffusionPretraining(
