@@ -1,8 +1,12 @@
-"""Latent codec: a frozen diffusers ``AutoencoderKL`` loaded from a local folder (the Stable Diffusion 2 VAE in the
-paper's recipes). It never downloads: point ``path`` at a local copy of the VAE (a folder with ``config.json`` and
-weights, or a pipeline folder with ``subfolder: vae``)."""
+"""Latent codec: a frozen diffusers ``AutoencoderKL`` (the Stable Diffusion 2 VAE in the paper's recipes), from a local
+folder or a Hugging Face Hub id. A Hub id is fetched through the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``)
+the first time and read from there afterwards; ``HF_HUB_OFFLINE=1`` or ``local_files_only: true`` never touches the
+network. Examples: ``path: stabilityai/sd-vae-ft-mse``; ``path: stabilityai/stable-diffusion-2, subfolder: vae``;
+``path: checkpoints/stable-diffusion-2, subfolder: vae`` (a local copy)."""
 
 import json
+import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -11,54 +15,48 @@ import torch
 from diffperc.codecs.base import Codec
 
 _VAE_CLASS = "AutoencoderKL"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class VAECodec(Codec):
     """Frozen AutoencoderKL encoder/decoder with latent scaling.
 
     Args:
-        path: Local folder of the VAE (or of a pipeline holding it, with ``subfolder``).
-        subfolder: Subfolder of ``path`` that holds the VAE (``vae`` for a Stable Diffusion pipeline folder).
-        scaling_factor: Latent scale (0.18215 for the Stable Diffusion VAEs).
+        path: Local folder of the VAE (or of a pipeline holding it, with ``subfolder``), or a Hub id
+            (``stabilityai/sd-vae-ft-mse``; ``stabilityai/stable-diffusion-2`` with ``subfolder: vae``).
+        subfolder: Subfolder of ``path`` that holds the VAE (``vae`` for a Stable Diffusion pipeline).
+        scaling_factor: Latent scale; None (default) uses the VAE's own ``config.scaling_factor`` (0.18215 for the
+            Stable Diffusion 1/2 VAEs, 0.13025 for SDXL's).
         sample_posterior: Encode by sampling the latent distribution instead of taking its mode.
         half_precision: Run the VAE in float16 on GPU (ignored on CPU).
         max_batch: Images per encode/decode call.
+        local_files_only: Never download a Hub id, only read the Hugging Face cache (also set by
+            ``HF_HUB_OFFLINE=1``).
     """
 
-    def __init__(self, path: str, subfolder: str | None = None, scaling_factor: float = 0.18215,
-                 sample_posterior: bool = False, half_precision: bool = False, max_batch: int = 16):
+    def __init__(self, path: str, subfolder: str | None = None, scaling_factor: float | None = None,
+                 sample_posterior: bool = False, half_precision: bool = False, max_batch: int = 16,
+                 local_files_only: bool = False):
         super().__init__()
-        from diffusers import AutoencoderKL
-
         if max_batch < 1:
             raise ValueError(f"`--model.codec.max_batch` must be >= 1, got {max_batch}")
         folder = Path(path) / (subfolder or "")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"VAE folder not found: {folder} (`--model.codec.path`). diffperc never downloads "
-                                    "weights: save the VAE locally (AutoencoderKL.save_pretrained) and point here.")
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise ValueError(f"{folder} is not a diffusers VAE folder: it has no config.json (`--model.codec.path`)")
-        try:
-            class_name = json.loads(config_file.read_text()).get("_class_name", _VAE_CLASS)
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise ValueError(f"{config_file} is not a valid diffusers config (`--model.codec.path`): {err}") from err
-        # diffusers would otherwise build a randomly initialised VAE from another model's folder (a UNet's, say),
-        # with only a warning about unused weights.
-        if class_name != _VAE_CLASS:
-            hint = " (a pipeline folder? set `--model.codec.subfolder vae`)" if (folder / "vae").is_dir() else ""
-            raise ValueError(f"{folder} holds a {class_name}, not an {_VAE_CLASS} (`--model.codec.path`){hint}")
-        try:
-            self.vae, info = AutoencoderKL.from_pretrained(
-                str(path), subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False,
-                output_loading_info=True)
-        except Exception as err:  # diffusers raises several types for a wrong folder
-            raise ValueError(f"Could not load an AutoencoderKL from {folder}: {err}") from err
-        if info["missing_keys"] or info["mismatched_keys"]:
-            raise ValueError(f"{folder}: the weights do not fit its config.json (missing "
-                             f"{info['missing_keys'][:5]}, mismatched {info['mismatched_keys'][:5]})")
+        if folder.is_dir():
+            self.vae = _load_local(path, subfolder, folder)
+        elif _HUB_ID.match(str(path)) and not Path(path).exists():
+            self.vae = _load_hub(str(path), subfolder, local_files_only or _offline())
+        else:
+            raise FileNotFoundError(
+                f"VAE folder not found: {folder} (`--model.codec.path`). Give a local folder (a VAE saved with "
+                "AutoencoderKL.save_pretrained, or a pipeline folder with `--model.codec.subfolder vae`) or a Hub id "
+                "such as stabilityai/sd-vae-ft-mse (fetch it ahead with `hf download stabilityai/sd-vae-ft-mse`)."
+            )
         self.vae.requires_grad_(False).eval()
-        self.scaling_factor = scaling_factor
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else self.vae.config.scaling_factor)
         self.sample_posterior = sample_posterior
         self.half_precision = half_precision
         self.max_batch = max_batch
@@ -100,3 +98,50 @@ class VAECodec(Codec):
             out = [self.vae.decode((chunk.float() / self.scaling_factor).to(dtype)).sample
                    for chunk in latents.split(self.max_batch)]
         return torch.cat(out).float().clamp(-1, 1)
+
+
+def _load_local(path: str, subfolder: str | None, folder: Path):
+    from diffusers import AutoencoderKL
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} is not a diffusers VAE folder: it has no config.json (`--model.codec.path`)")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name", _VAE_CLASS)
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{config_file} is not a valid diffusers config (`--model.codec.path`): {err}") from err
+    # diffusers would otherwise build a randomly initialised VAE from another model's folder (a UNet's, say), with
+    # only a warning about unused weights.
+    if class_name != _VAE_CLASS:
+        hint = " (a pipeline folder? set `--model.codec.subfolder vae`)" if (folder / "vae").is_dir() else ""
+        raise ValueError(f"{folder} holds a {class_name}, not an {_VAE_CLASS} (`--model.codec.path`){hint}")
+    try:
+        vae, info = AutoencoderKL.from_pretrained(
+            str(path), subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False, output_loading_info=True
+        )
+    except Exception as err:  # diffusers raises several types for a wrong folder
+        raise ValueError(f"Could not load an AutoencoderKL from {folder}: {err}") from err
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(f"{folder}: the weights do not fit its config.json (missing "
+                         f"{info['missing_keys'][:5]}, mismatched {info['mismatched_keys'][:5]})")
+    return vae
+
+
+def _load_hub(repo_id: str, subfolder: str | None, local_files_only: bool):
+    """An AutoencoderKL by Hub id through the Hugging Face cache (downloaded once unless ``local_files_only``)."""
+    from diffusers import AutoencoderKL
+
+    where = f"{repo_id}" + (f" (subfolder {subfolder})" if subfolder else "")
+    try:
+        return AutoencoderKL.from_pretrained(repo_id, subfolder=subfolder, local_files_only=local_files_only)
+    except Exception as err:  # huggingface_hub / diffusers raise many types: missing cache, 404, no network, ...
+        fetch = f"hf download {repo_id}" + (f" --include '{subfolder}/*'" if subfolder else "")
+        if local_files_only:
+            raise FileNotFoundError(
+                f"VAE {where} is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1 or "
+                f"`--model.codec.local_files_only`): fetch it once with `{fetch}` (`--model.codec.path`)"
+            ) from err
+        raise ValueError(f"Could not load an AutoencoderKL from the Hub id {where} (`--model.codec.path`): "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Fetch it with `{fetch}`, "
+                         "or give a local folder.") from err
+

@@ -1,5 +1,7 @@
 """VAECodec with a tiny AutoencoderKL saved by the test (never downloaded)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -77,3 +79,43 @@ def test_vae_codec_rejects_missing_and_non_vae_folders(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid diffusers config"):
         VAECodec(str(tmp_path / "broken"))
+
+
+def _hub_cache(cache: Path, repo_id: str, vae, subfolder: str | None = None) -> None:
+    """A Hugging Face cache holding ``repo_id`` at one snapshot, as `hf download` leaves it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    vae.save_pretrained(repo / "snapshots" / commit / (subfolder or ""))
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hub"
+
+
+def test_vae_codec_loads_a_hub_id_from_the_cache_offline_with_its_own_scaling_factor(offline_cache):
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's: the codec must not assume 0.18215
+    _hub_cache(offline_cache, "tiny-org/tiny-vae", vae)
+    _hub_cache(offline_cache, "tiny-org/tiny-pipeline", vae, subfolder="vae")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(images).latent_dist.mode()
+    for codec in (VAECodec("tiny-org/tiny-vae"), VAECodec("tiny-org/tiny-pipeline", subfolder="vae")):
+        assert codec.scaling_factor == 0.13025
+        torch.testing.assert_close(codec.encode(images), expected * 0.13025)
+    assert VAECodec("tiny-org/tiny-vae", scaling_factor=0.18215).scaling_factor == 0.18215  # the user's choice wins
+
+
+def test_vae_codec_hub_id_missing_offline_names_the_download_command(offline_cache):
+    with pytest.raises(FileNotFoundError, match=r"tiny-org/absent.*HF_HUB_OFFLINE.*`hf download tiny-org/absent`"):
+        VAECodec("tiny-org/absent")
+    with pytest.raises(FileNotFoundError, match=r"--include 'vae/\*'"):
+        VAECodec("tiny-org/absent", subfolder="vae")
