@@ -134,6 +134,19 @@ class _Runner:
         num_experts = int(args[args.index("--num_experts") + 1])
         assert any(f".mlp.experts.{num_experts - 1}." in k for k in keys), sorted(keys)[:5]
 
+    def export(self, args: list[str]) -> None:
+        from diffperc.export import load_exported
+
+        args = self._translate(args)
+        out = self.tmp / args[args.index("--out") + 1]
+        args[args.index("--out") + 1] = str(out)
+        main(["export", *args])
+        assert out.with_suffix(".json").is_file()
+        net = load_exported(str(out))
+        state = torch.load(args[args.index("--ckpt") + 1], map_location="cpu", weights_only=True)["state_dict"]
+        for key, value in net.state_dict().items():  # the exported network is the checkpoint's, tensor for tensor
+            torch.testing.assert_close(value, state[f"net.{key}"], rtol=0, atol=0)
+
     def sweep(self, args: list[str]) -> None:
         action, rest = args[0], args[1:]
         if action == "tts":  # a 2 x 2 grid instead of 5 x 3 on the toy checkpoint
