@@ -285,10 +285,14 @@ def shrink(resolved: dict, assets: Assets, save_dir: Path, checkpoints: dict[str
         strategy["init_args"]["data_parallel_size"] = 1  # one CPU process; FSDP2 still shards (over 1)
     if isinstance(trainer.get("logger"), dict):
         trainer["logger"]["init_args"].update(save_dir=str(save_dir), version="")
-    for callback in trainer.get("callbacks") or []:
-        args = callback.get("init_args") or {}
-        if callback["class_path"].endswith("ModelCheckpoint") and args.get("every_n_train_steps"):
-            args["every_n_train_steps"] = 1
+    # Checkpoint periods in steps become 1, 2, ... in their order (the shortest 1, so last.ckpt is written at step 2):
+    # distinct periods stay distinct, as Lightning needs each ModelCheckpoint's state key to be unique.
+    callbacks = trainer.get("callbacks") or []
+    savers = [cb.get("init_args") or {} for cb in callbacks if cb["class_path"].endswith("ModelCheckpoint")]
+    step_savers = [args for args in savers if args.get("every_n_train_steps")]
+    periods = sorted({args["every_n_train_steps"] for args in step_savers})
+    for args in step_savers:
+        args["every_n_train_steps"] = periods.index(args["every_n_train_steps"]) + 1
 
     model = cfg["model"]["init_args"]
     backbone = model.get("backbone") or {}

@@ -34,6 +34,7 @@ def write_report(
     rows: Sequence[Mapping[str, object]],
     fits_spec: Sequence[tuple[str, str, bool]],
     out_dir: str | os.PathLike,
+    failed: Sequence[Mapping[str, object]] = (),
 ) -> Path:
     """Fits each ``(x_key, y_key, offset)`` of ``fits_spec`` over ``rows`` and writes the report into ``out_dir``.
 
@@ -47,6 +48,8 @@ def write_report(
             "val/depth/abs_rel": 0.3}``. A ``point`` key, if present, names the row in notes.
         fits_spec: ``(x_key, y_key, offset)`` triples; ``offset=True`` fits ``y = e + a * x^b``.
         out_dir: Output folder, created if needed.
+        failed: Runs that failed, listed at the top of the report: mappings with ``point``, ``step``, ``returncode``,
+            ``error`` (one line) and ``log`` (a path), as a sweep's failed rows hold.
 
     Returns:
         The path of ``report.md``.
@@ -74,7 +77,7 @@ def write_report(
     _write_csv(rows, out_dir / "rows.csv")
     path = out_dir / "report.md"
     with atomic_path(path) as tmp:
-        tmp.write_text(_markdown(rows, results), encoding="utf-8")
+        tmp.write_text(_markdown(rows, results, failed), encoding="utf-8")
     return path
 
 
@@ -138,13 +141,27 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _markdown(rows: Sequence[Mapping[str, object]], results: list[_FitResult]) -> str:
+def _markdown(rows: Sequence[Mapping[str, object]], results: list[_FitResult], failed: Sequence[Mapping]) -> str:
     lines = [
         "# Scaling report",
         "",
         f"{len(rows)} rows (raw values in [rows.csv](rows.csv)). Laws: y = a * x^b, or y = e + a * x^b where an e",
         "is given. Intervals are 95% (Student-t). R^2 is in log space for y = a * x^b and in linear space with e.",
         "",
+    ]
+    if failed:
+        lines += [
+            f"**{len(failed)} failed point(s)**, not in the fits (a rerun of the sweep retries them):",
+            "",
+            "| point | step | return code | error | log |",
+            "|---|---|---|---|---|",
+        ]
+        for row in failed:
+            code = "" if row.get("returncode") is None else str(row["returncode"])
+            lines.append(f"| `{_cell(str(row.get('point', '')))}` | {_cell(str(row.get('step', '')))} | {code} | "
+                         f"{_cell(str(row.get('error', '')))} | `{_cell(str(row.get('log', '')))}` |")
+        lines.append("")
+    lines += [
         "| metric | x-axis | a | b | b 95% CI | e | R^2 | n | plot |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shlex
+import signal
+import struct
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ from typing import Any
 import yaml
 
 from diffperc.scaling.report import write_report
+from diffperc.utils import atomic_write_bytes
 
 __all__ = [
     "Point",
@@ -31,6 +34,7 @@ __all__ = [
     "collect",
     "command_lines",
     "expand",
+    "failed_rows",
     "load_sweep",
     "main",
     "normalize_key",
@@ -39,6 +43,7 @@ __all__ = [
     "report",
     "row_from_run",
     "run_local",
+    "trim_event_files",
     "write_slurm",
 ]
 
@@ -77,7 +82,9 @@ Rows (one JSON line per point in <out>/results.jsonl; the last line of a point w
   baseline/<task>/<name>, compute/test_macs_per_sample, model.inference.<field> (the settings used);
   with `from`: from (the upstream point), from/<key> for its overrides and compute/train_macs, and
   compute/total_train_macs = upstream + own training MACs (a tts row's compute/train_macs is its checkpoint's);
-  failed rows: step (fit | test | upstream), returncode, log.
+  failed rows: step (fit | test | collect | upstream), returncode, log, and error (the log's last meaningful line).
+`diffperc sweep run` and `diffperc sweep tts` exit non-zero when a point failed, after running all the others; the
+report lists the failed points. A rerun retries them, and a fit that was killed resumes from its last.ckpt.
 Keys in x, metrics and group_by may be written with or without `init_args`.
 """
 
@@ -504,36 +511,120 @@ def _run_inline(argv: list[str]) -> None:
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=argv[i + 1])
 
 
+# Lines of a failed command's output that do not say what went wrong: jsonargparse's restatement of the input and
+# of the union it tried (`Given value: Namespace(...)`, `- Expected a <class 'NoneType'>`), Python warnings (they
+# name a source line: `/path/x.py:21: ...`) and hints in parentheses (`(... --debug shows the traceback)`).
+_NOISE = re.compile(r"^(Given value|Subtypes:|Errors:|Does not validate against any of the Union subtypes|"
+                    r"- Expected a <class 'NoneType'>|tip: |/\S+\.py:\d+: |\(.*\)$)")
+
+
+def _error_line(log: Path, returncode: int | None) -> str:
+    """What a failed step's log says went wrong: its last meaningful line (after the step's `$ diffperc` line), e.g.
+    the exception message a traceback ends with; or the signal that killed it."""
+    if returncode is not None and returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"no log ({log})"
+    starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]
+    output = [line.strip() for line in lines[starts[-1] + 1 if starts else 0:]]
+    meaningful = [line for line in output if line and not _NOISE.match(line)]
+    return meaningful[-1].removeprefix("- ")[:300] if meaningful else f"no output (return code {returncode})"
+
+
+def _failed(point: Point, step: str, returncode: int | None, log: Path, error: str, start: float | None = None) -> dict:
+    row = {"point": point.id, "status": "failed", "step": step, "returncode": returncode, "log": str(log),
+           "error": error, "overrides": point.overrides}
+    if start is not None:
+        row["wall_s"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def trim_event_files(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Cuts the TensorBoard event files in ``run_dir`` back to what was logged before ``step``; returns the files cut.
+
+    A fit resumed from a checkpoint of global step ``step`` logs steps ``step, step + 1, ...`` again (Lightning logs
+    optimizer step ``k`` as ``k - 1``), so what a killed attempt logged from there on would show twice. Kept records
+    are copied byte for byte; a record torn by the kill is dropped. TFRecord framing: length (u64), its CRC (u32),
+    the ``Event`` protobuf, its CRC (u32).
+    """
+    try:
+        from tensorboard.compat.proto.event_pb2 import Event
+    except ImportError:  # no TensorBoard, so no event files to cut
+        return []
+    cut = []
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        data, kept, pos = path.read_bytes(), [], 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            end = pos + 12 + length + 4
+            if end > len(data):
+                break
+            try:
+                event = Event.FromString(data[pos + 12:end - 4])
+            except Exception:  # protobuf's DecodeError: garbage from a torn write
+                break
+            if event.step < step:
+                kept.append(data[pos:end])
+            pos = end
+        trimmed = b"".join(kept)
+        if trimmed != data:
+            atomic_write_bytes(path, trimmed)
+            cut.append(path)
+    return cut
+
+
+def _prepare_resume(point: Point, log: Path, echo) -> None:
+    """A point whose run directory holds a last.ckpt (an attempt was killed, or failed after saving) resumes from it
+    (``--ckpt_path last``): cut that attempt's TensorBoard events back to the checkpoint's step first."""
+    last = point.run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return
+    import torch
+
+    try:
+        step = int(torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # unreadable: the fit itself reports it, naming the file
+        return
+    cut = trim_event_files(point.run_dir, step)
+    message = f"resuming from {last} (step {step})" + (f"; cut {len(cut)} event file(s) back to it" if cut else "")
+    echo(f"[{point.id}] {message}")
+    with open(log, "a") as f:
+        f.write(f"# {message}\n")
+
+
 def _run_point(point: Point, results: Path, done: dict, inline: bool, python: str, echo) -> dict:
     upstream_row = done.get(point.upstream.id) if point.upstream else None
     log = point.run_dir / "sweep.log"
     start = time.perf_counter()
     if point.upstream is not None and (upstream_row is None or upstream_row.get("status") != "ok"):
-        row = {"point": point.id, "status": "failed", "step": "upstream", "returncode": None,
-               "log": str(point.upstream.run_dir / "sweep.log"), "overrides": point.overrides}
+        error = f"upstream point {point.upstream.id} failed" + (
+            f": {upstream_row['error']}" if upstream_row and upstream_row.get("error") else "")
+        row = _failed(point, "upstream", None, point.upstream.run_dir / "sweep.log", error)
         _append_row(results, row)
         return row
     for step, argv in command_lines(point):
-        error = None
         if step == "test" and not (point.run_dir / "checkpoints" / "last.ckpt").is_file():
             code = None
             error = "fit wrote no checkpoints/last.ckpt: the base config needs ModelCheckpoint(save_last=True)"
         else:
+            if step == "fit":
+                log.parent.mkdir(parents=True, exist_ok=True)
+                _prepare_resume(point, log, echo)
             echo(f"[{point.id}] {step}: {_shell_line(argv)}")
             code = _run_step(argv, log, inline, python)
+            error = _error_line(log, code) if code != 0 else None
         if code != 0:
-            row = {"point": point.id, "status": "failed", "step": step, "returncode": code, "log": str(log),
-                   "overrides": point.overrides, "wall_s": round(time.perf_counter() - start, 2)}
-            if error:
-                row["error"] = error
-            echo(f"[{point.id}] FAILED at {step} (return code {code}); log: {log}" + (f"; {error}" if error else ""))
+            row = _failed(point, step, code, log, error, start)
+            echo(f"[{point.id}] FAILED at {step} (return code {code}): {error}; log: {log}")
             _append_row(results, row)
             return row
     row = row_from_run(point, upstream_row)
     if row is None:
-        row = {"point": point.id, "status": "failed", "step": "collect", "returncode": 0, "log": str(log),
-               "overrides": point.overrides}
-        echo(f"[{point.id}] FAILED: no train_macs.json / test_metrics.json in {point.run_dir}")
+        row = _failed(point, "collect", 0, log, f"no train_macs.json / test_metrics.json in {point.run_dir}", start)
+        echo(f"[{point.id}] FAILED: {row['error']}")
     else:
         row["wall_s"] = round(time.perf_counter() - start, 2)
     _append_row(results, row)
@@ -668,17 +759,30 @@ def collect(sweep: Sweep, out: str | os.PathLike, upstream_dir: str | os.PathLik
     return [done[p.id] for p in points if p.id in done]
 
 
+def failed_rows(sweep: Sweep, out: str | os.PathLike, upstream_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The failed rows (the last row of a point in ``results.jsonl`` has status ``failed``) of the sweep's points,
+    upstream stage first, in expansion order."""
+    upstream_points, points = expand(sweep, Path(out), upstream_dir)
+    failed = []
+    for stage_points in (upstream_points, points):
+        if stage_points:
+            previous = read_results(stage_points[0].run_dir.parent / _RESULTS)
+            failed += [previous[p.id] for p in stage_points if previous.get(p.id, {}).get("status") == "failed"]
+    return failed
+
+
 def report(sweep: Sweep, out: str | os.PathLike, upstream_dir: str | os.PathLike | None = None, echo=print) -> Path:
     """Fits ``sweep.metrics`` against ``sweep.x`` over the ok rows and writes ``<out>/report/report.md`` (and one
-    report per group under ``<out>/report/<group>/`` with ``group_by``)."""
+    report per group under ``<out>/report/<group>/`` with ``group_by``), listing the failed points first."""
     out = Path(out)
     rows = [{k: v for k, v in r.items() if k != "overrides"} for r in collect(sweep, out, upstream_dir, echo)]
+    failed = failed_rows(sweep, out, upstream_dir)
     x = normalize_key(sweep.x)
     metrics = [normalize_key(m) for m in sweep.metrics] or sorted(
         {k for r in rows for k in r if k.startswith("test/") and _is_number(r[k])}
     )
     specs = [(x, m, sweep.offset) for m in metrics]
-    path = write_report(rows, specs, out / "report")
+    path = write_report(rows, specs, out / "report", failed=failed)
     groups = [normalize_key(g) for g in sweep.group_by]
     if groups:
         by_group: dict[tuple, list] = {}
@@ -761,3 +865,9 @@ def main(argv: list[str] | None = None) -> None:
         write_slurm(sweep, out, args.submit, upstream_dir)
         return
     run_local(sweep, out, inline=launcher == "inline", upstream_dir=upstream_dir)
+    failed = failed_rows(sweep, out, upstream_dir)
+    if failed:
+        total = sum(len(stage) for stage in expand(sweep, out, upstream_dir))
+        lines = [f"  {row['point']} ({row.get('step')}): {row.get('error', '')}" for row in failed]
+        raise SystemExit("\n".join([f"{len(failed)} of {total} sweep points failed (logs and errors in "
+                                     f"{out / 'report' / 'report.md'}; a rerun retries them):", *lines]))

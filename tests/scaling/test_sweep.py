@@ -73,11 +73,13 @@ def _config_args(argv: list[str]) -> list[str]:
 
 
 def _covering(points) -> list:
-    """Points that together show every key with every string value and every type of other value at least once
-    (numbers of one type parse alike, which keeps the suite fast)."""
+    """Points that together show every key with every type of value, and every class path, at least once: what
+    parsing depends on, so each of them is parsed once and the suite stays fast. A string value parses alike whatever
+    it says (every swept string argument is a plain ``str``: preset names and paths are checked when the run builds
+    its model); a class path is imported, so each is parsed."""
     seen, keep = set(), []
     for point in points:
-        pairs = {(k, v if isinstance(v, str) else type(v).__name__) for k, v in point.own.items()}
+        pairs = {(k, v if k.endswith("class_path") else type(v).__name__) for k, v in point.own.items()}
         if not keep or pairs - seen:
             keep.append(point)
             seen |= pairs
@@ -154,7 +156,7 @@ def test_dry_run_prints_pasteable_command_lines(tmp_path, capsys):
 
 
 _FAKE_DIFFPERC = """\
-import json, pathlib, sys
+import json, os, pathlib, sys
 args = sys.argv[3:]  # after `-m diffperc`
 with open({calls!r}, "a") as f:
     f.write(json.dumps(args) + "\\n")
@@ -162,7 +164,11 @@ value = lambda key: args[args.index(key) + 1]
 run = pathlib.Path(value("--trainer.logger.init_args.save_dir")) / value("--trainer.logger.init_args.name")
 print("fake diffperc", args[0])
 if "fail" in args:
+    print("RuntimeError: the fake run failed", file=sys.stderr)
+    print("", file=sys.stderr)
     sys.exit(3)
+if "kill" in args:
+    os.kill(os.getpid(), 9)
 if args[0] == "fit":
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "checkpoints" / "last.ckpt").write_text("")
@@ -179,17 +185,20 @@ def test_local_launcher_runs_argv_lists_records_failures_and_skips_finished(tmp_
     fake.write_text(f"#!{sys.executable}\n" + _FAKE_DIFFPERC.format(calls=str(calls)))
     fake.chmod(0o755)
     odd = "a b'; echo hacked"
-    sweep = parse_sweep({"base": [str(QUICKSTART)], "grid": {"model.init_args.init_from": ["fail", odd, "ok"]},
+    sweep = parse_sweep({"base": [str(QUICKSTART)],
+                         "grid": {"model.init_args.init_from": ["fail", odd, "ok", "kill"]},
                          "metrics": ["test/depth/abs_rel"]})
     out = tmp_path / "out"
     results = run_local(sweep, out, python=str(fake), echo=lambda *_: None, write_reports=False)
     rows = read_results(results)
-    failed, odd_row, _ = (rows[p.id] for p in expand(sweep, out)[1])
+    failed, odd_row, _, killed = (rows[p.id] for p in expand(sweep, out)[1])
     assert failed["status"] == "failed" and failed["step"] == "fit" and failed["returncode"] == 3
     assert "fake diffperc fit" in Path(failed["log"]).read_text()
+    assert failed["error"] == "RuntimeError: the fake run failed"  # the log's last non-blank line
+    assert (killed["status"], killed["returncode"], killed["error"]) == ("failed", -9, "killed by SIGKILL")
     # The odd value reached the program verbatim: no shell in between.
     argv = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert [a[0] for a in argv] == ["fit", "fit", "test", "fit", "test"]
+    assert [a[0] for a in argv] == ["fit", "fit", "test", "fit", "test", "fit"]
     assert argv[1][argv[1].index("--model.init_args.init_from") + 1] == odd
     assert odd_row["status"] == "ok"
     assert {k: odd_row[k] for k in ("test/depth/abs_rel", "baseline/depth/abs_rel", "compute/train_macs",
@@ -198,10 +207,49 @@ def test_local_launcher_runs_argv_lists_records_failures_and_skips_finished(tmp_
         "test/depth/abs_rel": 0.25, "baseline/depth/abs_rel": 0.5, "compute/train_macs": 1000,
         "compute/total_train_macs": 1000, "compute/test_macs_per_sample": 77, "model.inference.num_steps": 2,
         "model.init_from": odd, "trainer.global_step": 3}
-    # A rerun retries only the failed point.
+    # A rerun retries only the failed points.
     run_local(sweep, out, python=str(fake), echo=lambda *_: None, write_reports=False)
-    assert len(calls.read_text().splitlines()) == 6
-    assert len(results.read_text().splitlines()) == 4
+    assert len(calls.read_text().splitlines()) == 8
+    assert len(results.read_text().splitlines()) == 6
+
+
+def _event_file(folder: Path, steps) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for step in steps:
+            writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+    (path,) = folder.glob("events.out.tfevents.*")
+    return path
+
+
+def _event_steps(path: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [e.step for e in EventFileLoader(str(path)).Load() if e.summary.value]
+
+
+def test_local_launcher_resumes_a_killed_point_and_cuts_its_stale_events(tmp_path):
+    calls = tmp_path / "calls.jsonl"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"#!{sys.executable}\n" + _FAKE_DIFFPERC.format(calls=str(calls)))
+    fake.chmod(0o755)
+    sweep = parse_sweep({"base": [str(QUICKSTART)], "set": {"trainer.max_steps": 8}})
+    out = tmp_path / "out"
+    (point,) = expand(sweep, out)[1]
+    # A killed attempt: no result row, a last.ckpt of step 4, events logged up to step 6, the last record torn.
+    (point.run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 4}, point.run_dir / "checkpoints" / "last.ckpt")
+    events = _event_file(point.run_dir, range(7))
+    events.write_bytes(events.read_bytes() + b"\x20\x00\x00\x00\x00\x00\x00\x00torn")
+    run_local(sweep, out, python=str(fake), echo=lambda *_: None, write_reports=False)
+    argv = json.loads(calls.read_text().splitlines()[0])
+    assert argv[0] == "fit" and argv[argv.index("--ckpt_path") + 1] == "last"
+    # Lightning logs optimizer step k as step k - 1, so the resumed run logs 4, 5, ... again: 0..3 are kept.
+    assert _event_steps(events) == [0, 1, 2, 3]
+    assert f"# resuming from {point.run_dir / 'checkpoints' / 'last.ckpt'} (step 4); cut 1 event file(s)" in (
+        point.run_dir / "sweep.log").read_text()
+    assert read_results(out / "results.jsonl")[point.id]["status"] == "ok"
 
 
 def test_slurm_launcher_writes_array_scripts_and_submits_in_order(tmp_path, monkeypatch):
@@ -225,27 +273,37 @@ def test_slurm_launcher_writes_array_scripts_and_submits_in_order(tmp_path, monk
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*no last checkpoint available")
-def test_tiny_sweep_end_to_end_interrupted_rerun_redoes_nothing(tmp_path):
+def test_tiny_sweep_end_to_end_interrupted_rerun_redoes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     echoed = []
+    bad_point = {"model.init_args.backbone.name": "nope", "model.init_args.backbone.depth": 1}  # no such preset
 
     def _sweep(depths: list) -> dict:
-        return parse_sweep({"base": [str(QUICKSTART)], "set": TINY, "grid": {"model.init_args.backbone.depth": depths},
-                            "metrics": ["test/depth/abs_rel"]})
+        points = [bad_point] + [{"model.init_args.backbone.depth": d} for d in depths]
+        return {"base": [str(QUICKSTART)], "set": TINY, "points": points, "metrics": ["test/depth/abs_rel"]}
 
     def _fits() -> list[str]:
         found = [line.split("]")[0][1:] for line in echoed if "] fit: " in line]
         echoed.clear()
         return found
 
-    # 1. "Interrupted" after the first good point: the sweep so far has a bad point and depth 1.
-    first = _sweep(["oops", 1])
-    bad, one = expand(first, out)[1]
-    run_local(first, out, inline=True, echo=echoed.append)
+    # 1. `diffperc sweep run`, "interrupted" after the first good point: it runs every point, then exits non-zero
+    # naming the failed one, and the report lists it with the error line of its log.
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(json.dumps(_sweep([1])))
+    bad, one = expand(load_sweep(sweep_file), out)[1]
+    with pytest.raises(SystemExit) as failure:
+        main(["run", str(sweep_file), "--launcher", "inline", "--out", str(out)])
+    echoed += capsys.readouterr().out.splitlines()
     assert _fits() == [bad.id, one.id]
+    error = "Unknown model preset 'nope' (`--model.backbone.name`). Known presets: DiT-S/2"
+    assert str(failure.value.code).startswith("1 of 2 sweep points failed")
+    assert f"\n  {bad.id} (fit): diffperc fit: error: {error}" in str(failure.value.code)
     rows = read_results(out / "results.jsonl")
-    assert rows[bad.id]["status"] == "failed" and rows[bad.id]["returncode"] == 2
-    assert "oops" in Path(rows[bad.id]["log"]).read_text()
+    code = rows[bad.id]["returncode"]
+    assert rows[bad.id]["status"] == "failed" and code > 0
+    assert rows[bad.id]["error"].startswith(f"diffperc fit: error: {error}")  # the log's last meaningful line
+    assert f"| `{bad.id}` | fit | {code} | diffperc fit: error: {error}" in (out / "report" / "report.md").read_text()
     row = rows[one.id]
     net = _tiny_net()
     x, t = torch.zeros(4, 6, 16, 16), torch.zeros(4, dtype=torch.long)
@@ -255,7 +313,7 @@ def test_tiny_sweep_end_to_end_interrupted_rerun_redoes_nothing(tmp_path):
     stamps = {f: f.stat().st_mtime_ns for f in one.run_dir.rglob("*") if f.is_file()}
 
     # 2. The full sweep: only the failed point and the new one run; depth 1 is untouched.
-    full = _sweep(["oops", 1, 2])
+    full = parse_sweep(_sweep([1, 2]))
     run_local(full, out, inline=True, echo=echoed.append)
     assert _fits() == [bad.id, expand(full, out)[1][2].id]
     assert {f: f.stat().st_mtime_ns for f in one.run_dir.rglob("*") if f.is_file()} == stamps
@@ -286,15 +344,23 @@ def test_sweep_tts_grid_on_one_checkpoint(tmp_path):
     run_local(fit, tmp_path / "fit", inline=True, echo=lambda *_: None, write_reports=False)
     (point,) = expand(fit, tmp_path / "fit")[1]
     ckpt = point.run_dir / "checkpoints" / "last.ckpt"
-    main(["tts", "--config", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
-          "--set", "model.init_args.backbone.depth=1", "--checkpoint", str(ckpt),
-          "--steps", "1", "2", "--ensemble", "1", "3", "--out", str(tmp_path / "tts")])
+    # 0 steps is a bad value: those two points fail, the four others run, and then the command exits non-zero.
+    with pytest.raises(SystemExit) as failure:
+        main(["tts", "--config", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+              "--set", "model.init_args.backbone.depth=1", "--checkpoint", str(ckpt),
+              "--steps", "0", "1", "2", "--ensemble", "1", "3", "--out", str(tmp_path / "tts")])
     rows = {(r["model.inference.num_steps"], r["model.inference.ensemble_size"]): r
-            for r in read_results(tmp_path / "tts" / "results.jsonl").values()}
-    assert sorted(rows) == [(1, 1), (1, 3), (2, 1), (2, 3)] and all(r["status"] == "ok" for r in rows.values())
+            for r in read_results(tmp_path / "tts" / "results.jsonl").values() if r["status"] == "ok"}
+    assert sorted(rows) == [(1, 1), (1, 3), (2, 1), (2, 3)]
+    error = "`--model.inference.num_steps` must be >= 1, got 0"
+    failed = [r for r in read_results(tmp_path / "tts" / "results.jsonl").values() if r["status"] == "failed"]
+    assert [(r["step"], r["overrides"]["model.inference.num_steps"]) for r in failed] == [("tts", 0), ("tts", 0)]
+    assert all(error in r["error"] for r in failed), [r["error"] for r in failed]
+    assert str(failure.value.code).startswith("2 of 6 sweep points failed")
+    report_md = (tmp_path / "tts" / "report" / "report.md").read_text()
+    assert all(f"| `{r['point']}` | tts |" in report_md for r in failed) and report_md.count(error) == 2
     # Pixel codec: test MACs are N x steps x one forward; the training MACs are the checkpoint's run's.
     one = rows[(1, 1)]["compute/test_macs_per_sample"]
     assert [rows[k]["compute/test_macs_per_sample"] for k in sorted(rows)] == [one, 3 * one, 2 * one, 6 * one]
     train = read_results(tmp_path / "fit" / "results.jsonl")[point.id]["compute/train_macs"]
     assert all(r["compute/train_macs"] == train for r in rows.values())
-    assert (tmp_path / "tts" / "report" / "report.md").is_file()
