@@ -22,8 +22,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves through a temporary file in the target's folder, fsync and ``os.replace``; loads with ``weights_only``.
 
     A crash (SIGKILL, power loss, full disk) while saving leaves the previous ``last.ckpt`` intact: the new file only
-    replaces it once it is complete on disk. Lightning's own writer goes through fsspec's temporary file in ``/tmp``,
-    which is copied (not renamed) onto the target when ``/tmp`` is another file system, as on most clusters.
+    replaces it once it is complete on disk, and a full disk stops training with an ``OSError`` naming the file.
+    Lightning's own writer goes through fsspec's temporary file in ``/tmp``, which is copied (not renamed) onto the
+    target when ``/tmp`` is another file system, as on most clusters.
     Loading never unpickles arbitrary objects, so a checkpoint from elsewhere cannot run code. Remote paths
     (``s3://...``) go through Lightning's fsspec writer, whose object-store uploads are atomic already.
     """

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from diffperc.models import DiT, load_pretrained, moe_config
 from diffperc.models.moe import to_moe
-from diffperc.models.pretrained import read_moe_config, read_network_state
+from diffperc.models.pretrained import architecture_mismatch, network_fields, read_moe_config, read_network_state
+from diffperc.models.router import PatchEmbedRouter
 from diffperc.utils import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -20,8 +21,9 @@ FORMAT_VERSION = 1
 
 def _infer_config(state: dict[str, torch.Tensor], hparams: dict) -> dict:
     """DiT constructor keywords from a network's tensors (shapes) and the run's hyper-parameters."""
-    proj = state["x_embedder.proj.weight"]  # (D, C_in, p, p)
-    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    routes = network_fields(state).get("task_routes")  # a multi-task network: one input projection per task
+    proj = state["x_embedder.proj.weight"] if routes is None else state["x_embedder.routes.0.proj.weight"]
+    hidden, in_channels, patch = proj.shape[0], max(routes or [proj.shape[1]]), proj.shape[2]  # (D, C_in, p, p)
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     tokens = state["pos_embed"].shape[1]
     rows = state["y_embedder.embedding_table.weight"].shape[0]
@@ -53,6 +55,45 @@ def _infer_config(state: dict[str, torch.Tensor], hparams: dict) -> dict:
     )
 
 
+def rebuild_network(
+    state: dict[str, torch.Tensor], config: dict, moe: dict | None, routes: list[int] | None, path: Path, flag: str
+) -> DiT:
+    """The network ``state`` (a checkpoint's tensors) belongs to: a DiT of ``config`` with ``routes`` (one input
+    projection per task) and the ``moe`` layout, its weights loaded strictly. A record that does not describe the
+    weights fails in one line naming ``flag``, the file and the first field (or tensor) that differs."""
+    model = DiT(**config)
+    if routes:
+        model.x_embedder = PatchEmbedRouter(list(routes), config["patch_size"], config["hidden_size"])
+    if moe is not None:
+        to_moe(model, moe)
+    target = model.state_dict()
+    detail = architecture_mismatch(state, target, names=("the weights", "the recorded network"), flags=False)
+    wrong = [k for k in state if k in target and state[k].shape != target[k].shape]
+    only = [(k, "recorded network") for k in target if k not in state]
+    only += [(k, "weights") for k in state if k not in target]
+    if detail is None and wrong:
+        k = wrong[0]
+        detail = f"`{k}` is {tuple(state[k].shape)} in the weights, {tuple(target[k].shape)} in the recorded network"
+    elif detail is None and only:
+        detail = f"`{only[0][0]}` is only in the {only[0][1]} ({len(only)} tensors differ)"
+    if detail:
+        raise ValueError(f"`{flag}` {path}: the weights do not match the network the checkpoint records: {detail}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _carried(meta: dict, hparams: dict) -> dict:
+    """What a model loading the file checks it against (``diffperc.lit.checks``): tasks, input routes, noise schedule
+    and prediction type, codec; older checkpoints keep their schedule in the hyper-parameters only."""
+    return {
+        "task": meta.get("task"),
+        "tasks": meta.get("tasks"),
+        "task_routes": meta.get("task_routes"),
+        "diffusion": meta.get("diffusion") or hparams.get("diffusion"),
+        "codec": meta.get("codec"),
+    }
+
+
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> tuple[Path, Path]:
     """Writes ``out`` (safetensors, the network's tensors; EMA weights when the checkpoint has them) and
     ``out`` with suffix ``.json`` (DiT config, MoE settings, task and run metadata). Both atomically."""
@@ -63,22 +104,20 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> tuple[Path, Path]:
     raw = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.suffix != ".safetensors" else {}
     hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     meta = dict(raw.get("diffperc") or {}) if isinstance(raw, dict) else {}
-    config = meta.get("dit_config") or _infer_config(state, hparams)
-    model = DiT(**config)
+    config = meta.get("dit_config") or _config_or_fail(state, hparams, ckpt, "--ckpt")
     moe = read_moe_config(ckpt, state)  # the stored record, else what the hyper-parameters and tensors tell
-    if moe is not None:
-        if moe["experts_per_token"] is None or moe["normalize_weights"] is None:
-            raise ValueError(
-                f"`--ckpt` {ckpt} holds a mixture of {moe['num_experts']} experts with no record of how many are "
-                "active per token (no `diffperc` metadata or MoE hyper-parameters): it cannot be rebuilt exactly"
-            )
-        to_moe(model, moe)
-    model.load_state_dict(state, strict=True)  # proves the config rebuilds exactly this network
+    if moe is not None and (moe["experts_per_token"] is None or moe["normalize_weights"] is None):
+        raise ValueError(
+            f"`--ckpt` {ckpt} holds a mixture of {moe['num_experts']} experts with no record of how many are "
+            "active per token (no `diffperc` metadata or MoE hyper-parameters): it cannot be rebuilt exactly"
+        )
+    routes = meta.get("task_routes") or network_fields(state).get("task_routes")
+    model = rebuild_network(state, config, moe, routes, ckpt, "--ckpt")  # proves the record rebuilds this network
     record = {
         "format_version": FORMAT_VERSION,
         "dit_config": config,
         "moe": moe_config(model),
-        "task": meta.get("task"),
+        **_carried({**meta, "task_routes": routes}, hparams),
         "hyper_parameters": hparams,
         "source": str(ckpt),
         "global_step": raw.get("global_step") if isinstance(raw, dict) else None,
@@ -99,11 +138,16 @@ def load_exported(path: str | Path) -> DiT:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: an export is a .safetensors file plus its .json")
     record = json.loads(meta_path.read_text())
-    model = DiT(**record["dit_config"])
-    if record.get("moe"):
-        to_moe(model, record["moe"])
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model
+    return rebuild_network(
+        load_file(str(path)), record["dit_config"], record.get("moe"), record.get("task_routes"), path, "load_exported"
+    )
+
+
+def _config_or_fail(state: dict[str, torch.Tensor], hparams: dict, path: Path, flag: str) -> dict:
+    try:
+        return _infer_config(state, hparams)
+    except (KeyError, ValueError) as err:  # a file without `diffperc` metadata whose tensors don't tell enough
+        raise ValueError(f"`{flag}` {path}: cannot rebuild its network from the tensors alone: {err}") from err
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from diffperc.export import _infer_config
-from diffperc.models import DiT, moe_config, upcycle
-from diffperc.models.pretrained import read_network_state
+from diffperc.export import _carried, _config_or_fail, rebuild_network
+from diffperc.models import moe_config, upcycle
+from diffperc.models.pretrained import network_fields, read_network_state
 from diffperc.utils import atomic_write_bytes
 
 
@@ -33,8 +33,9 @@ def upcycle_checkpoint(
     raw = torch.load(src, map_location="cpu", weights_only=True) if src.suffix != ".safetensors" else {}
     meta = dict(raw.get("diffperc") or {}) if isinstance(raw, dict) else {}
     hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
-    dense = DiT(**(meta.get("dit_config") or _infer_config(state, hparams)))
-    dense.load_state_dict(state, strict=True)
+    config = meta.get("dit_config") or _config_or_fail(state, hparams, src, "--src")
+    routes = meta.get("task_routes") or network_fields(state).get("task_routes")
+    dense = rebuild_network(state, config, None, routes, src, "--src")
     torch.manual_seed(seed)  # the router's initialisation
     moe = upcycle(dense, num_experts, top_k, balance_loss_coef=balance_loss_coef, router_init_std=router_init_std)
     record = {
@@ -42,7 +43,7 @@ def upcycle_checkpoint(
         "diffperc": {
             "dit_config": dense.config,
             "moe": moe_config(moe),
-            "task": meta.get("task"),
+            **_carried({**meta, "task_routes": routes}, hparams),
             "upcycled_from": str(src),
         },
         "hyper_parameters": hparams,

@@ -1,5 +1,6 @@
 """Small shared helpers: atomic file writes and in-memory PNG encoding."""
 
+import errno
 import json
 import os
 import tempfile
@@ -15,24 +16,50 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], clean_st
     The folder is fsynced too, so the rename itself is durable. ``clean_stale`` also removes the temporary files of
     earlier writes to ``path`` that were killed before their rename; only for a file with a single writer (a
     checkpoint), since it would delete another process's write in progress.
+
+    Raises:
+        OSError: a full disk, quota, read-only or I/O error, naming ``path`` (the errno is kept); ``path`` is left as
+            it was and the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        disk = _disk_error(err)
+        if disk is None:
+            raise
+        # torch.save reports a failed write as a RuntimeError from its zip writer, naming no file.
+        raise OSError(disk.errno, f"{disk.strerror or disk} while writing {path}: any previous {path.name} is kept, "
+                                  "the partial file was removed") from err
     _fsync_dir(path.parent)
     if clean_stale:
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
     return path
+
+
+# A full disk or quota, a read-only file system, a file too large or an I/O error: the disk's fault, not the caller's.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
+def _disk_error(err: BaseException) -> OSError | None:
+    """The disk-side ``OSError`` behind ``err`` (itself, or what it was raised from or during), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:

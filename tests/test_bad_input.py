@@ -1,9 +1,15 @@
 """Bad input, tried on purpose: every case fails with a message naming the file, key or flag, and writes nothing
 (readers, configs, the CLI, predict folders, checkpoints); non-finite losses stop training or are skipped, never
-reaching the weights."""
+reaching the weights. The ``diffperc`` command prints such an error as one short message (exit status 2), and
+nothing it runs overwrites what a run recorded: scoring and predicting keep the fit's files, a second fresh fit into
+a run is refused, a full disk keeps the last checkpoint."""
 
 import contextlib
+import errno
 import io
+import os
+import shutil
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -11,10 +17,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch import Callback, Trainer
 
+import diffperc.cli
+import diffperc.utils
+from diffperc.callbacks import PredictionWriter
 from diffperc.callbacks.nonfinite import NonFiniteGuard
-from diffperc.cli import DiffpercCLI
+from diffperc.checkpoint_io import AtomicCheckpointIO
+from diffperc.cli import DiffpercCLI, main, user_error
+from diffperc.codecs import PixelCodec
 from diffperc.data import (
     DIODEDataset,
     FlyingChairsDataset,
@@ -24,14 +36,16 @@ from diffperc.data import (
     Pix2GestaltDataset,
     ProceduralDepth,
 )
+from diffperc.data.images import output_names
 from diffperc.data.io import read_depth_png, read_flo, read_rgb, write_flo
 from diffperc.diffusion import InferenceSettings
 from diffperc.export import export_checkpoint
-from diffperc.lit import PerceptionFinetuning
+from diffperc.lit import ExponentialDecayLR, PerceptionFinetuning
 from diffperc.models import DiT
-from diffperc.tasks import DepthTask
+from diffperc.tasks import DepthTask, FlowTask
 
-from helpers import quiet_trainer, tiny_finetuning
+import tiny_runs
+from helpers import quiet_trainer, run_isolated, tiny_finetuning
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart" / "depth.yaml"
@@ -183,14 +197,26 @@ READER_CASES = {
         r"`--model.inference.ensemble_size` must be >= 1, got 0"),
     "depth_range_inverted": lambda tmp: (
         lambda: DepthTask(min_depth=10, max_depth=1), ValueError,
-        r"`task.min_depth` must be >= 0 and < `task.max_depth`"),
+        r"`--model.task.min_depth` must be >= 0 and < `--model.task.max_depth`"),
+    "flow_max_flow_zero": lambda tmp: (
+        lambda: FlowTask(max_flow=0), ValueError, r"`--model.task.max_flow` must be positive \(pixels\), got 0"),
+    "pixel_codec_unshuffle_zero": lambda tmp: (
+        lambda: PixelCodec(unshuffle=0), ValueError, r"`--model.codec.unshuffle` must be >= 1, got 0"),
+    "lr_schedule_without_steps": lambda tmp: (
+        lambda: ExponentialDecayLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=0),
+        ValueError, r"`--model.lr_scheduler.total_steps` must be >= 1, got 0"),
     "write_flo_wrong_shape": lambda tmp: (
         lambda: write_flo(tmp / "out.flo", np.zeros((4, 6, 3))), ValueError, r"Flow for .*out\.flo must have shape"),
     "export_not_safetensors": lambda tmp: (
         lambda: export_checkpoint(tmp / "any.ckpt", tmp / "weights.pt"), ValueError,
         r"`--out` must end in \.safetensors, got .*weights\.pt"),
     "nonfinite_guard_mode": lambda tmp: (
-        lambda: NonFiniteGuard(mode="ignore"), ValueError, r"`NonFiniteGuard.mode` must be one of \('raise', 'skip'\)"),
+        lambda: NonFiniteGuard(mode="ignore"), ValueError,
+        r"NonFiniteGuard mode \(`--model.nonfinite`, or `--trainer.callbacks.mode` after .*\) must be one of "
+        r"\('raise', 'skip'\), got 'ignore'"),
+    "nonfinite_guard_max_consecutive": lambda tmp: (
+        lambda: NonFiniteGuard(max_consecutive=0), ValueError,
+        r"NonFiniteGuard `--trainer.callbacks.max_consecutive` must be >= 1, got 0"),
 }
 
 
@@ -360,3 +386,279 @@ def test_nonfinite_guard_stops_after_too_many_consecutive_skips(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match=r"1 consecutive non-finite steps"):
         _trainer(tmp_path, max_steps=2, callbacks=[guard]).fit(module, datamodule=dm)
     assert _all_finite(module)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The `diffperc` command: a user error is one short message naming the flag or file, exit status 2, nothing written
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fit_args(tmp: Path, *extra) -> list:
+    return ["fit", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", tmp / "runs", *extra]
+
+
+def _config_file(tmp: Path, content: bytes) -> Path:
+    return _write_bytes(tmp / "override.yaml", content)
+
+
+# Each builder returns (diffperc arguments, the exact message it must print once).
+MAIN_CASES = {
+    "bad_flag_value": lambda tmp: (
+        _fit_args(tmp, "--data.init_args.batch_size", "-4"), "`--data.batch_size` must be >= 1, got -4"),
+    "settings_dataclass_value": lambda tmp: (  # jsonargparse wraps it twice: model, then InferenceSettings
+        _fit_args(tmp, "--model.init_args.inference.ensemble_size", "0"),
+        "`--model.inference.ensemble_size` must be >= 1, got 0"),
+    "callback_setting": lambda tmp: (
+        _fit_args(tmp, "--trainer.callbacks+=diffperc.callbacks.NonFiniteGuard", "--trainer.callbacks.mode", "ignore"),
+        "`--trainer.callbacks.mode` after `--trainer.callbacks+=NonFiniteGuard`) must be one of ('raise', 'skip'), "
+        "got 'ignore'"),
+    "missing_vae_folder": lambda tmp: (
+        _fit_args(tmp, "--model.init_args.codec", "diffperc.codecs.VAECodec",
+                  "--model.init_args.codec.init_args.path", tmp / "sd2"),
+        f"VAE folder not found: {tmp / 'sd2'} (`--model.codec.path`)"),
+    "missing_data_root": lambda tmp: (
+        ["predict", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", tmp / "runs", "--ckpt_path", "last",
+         "--data.init_args.images", tmp / "photos"],
+        f"`--data.images` folder not found: {tmp / 'photos'}"),
+    "missing_checkpoint": lambda tmp: (
+        ["test", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", tmp / "runs",
+         "--ckpt_path", tmp / "last.ckpt"],
+        f"Checkpoint file not found: {tmp / 'last.ckpt'} (`--ckpt_path`)"),
+    "untrained_run": lambda tmp: (
+        ["test", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", tmp / "runs", "--ckpt_path", "last"],
+        f"`--ckpt_path last`: no checkpoint in {tmp / 'runs' / 'quickstart_depth' / 'checkpoints'}. Train first"),
+    "key_typo": lambda tmp: (
+        _fit_args(tmp, "--model.init_args.image_sise", "16"),
+        "`--model` (diffperc.lit.PerceptionFinetuning): Option 'image_sise' is not accepted"),
+    "wrong_type": lambda tmp: (
+        _fit_args(tmp, "--trainer.max_steps", "many"),
+        "`--trainer.max_steps`: Expected a <class 'int'>. Got value: many"),
+    "binary_config": lambda tmp: (
+        _fit_args(tmp, "--config", _config_file(tmp, bytes(range(128, 256)))),
+        f"`--config {tmp / 'override.yaml'}` is not a YAML file: it holds binary data, not UTF-8 text"),
+    "config_not_yaml": lambda tmp: (
+        _fit_args(tmp, "--config", _config_file(tmp, b"trainer: [1, 2\n  max_steps: }\n")),
+        f"`--config {tmp / 'override.yaml'}` is not valid YAML at line 2, column 12"),
+    "config_not_a_mapping": lambda tmp: (
+        _fit_args(tmp, "--config", _config_file(tmp, b"max_steps 3\n")),
+        f"`--config {tmp / 'override.yaml'}` holds a YAML str, not keys such as `trainer:`"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _short_errors(monkeypatch):
+    monkeypatch.delenv("DIFFPERC_DEBUG", raising=False)  # a developer's DIFFPERC_DEBUG=1 would keep the tracebacks
+
+
+def _main_stderr(args: list) -> str:
+    """Runs ``diffperc.cli.main(args)`` expecting a user error: exit status 2; returns what it printed to stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with pytest.raises(SystemExit) as info:
+            main([str(a) for a in args])
+    assert info.value.code == 2, err.getvalue()
+    return err.getvalue()
+
+
+@pytest.mark.parametrize("case", sorted(MAIN_CASES))
+def test_main_prints_a_user_error_once_naming_the_flag_or_file(case, tmp_path):
+    args, message = MAIN_CASES[case](tmp_path)
+    before = _files(tmp_path)
+    text = _main_stderr(args)
+    assert text.count(message) == 1, text
+    assert len(text.splitlines()) < 5 and "Traceback" not in text, text
+    assert _files(tmp_path) == before and not (tmp_path / "runs").exists()  # no run folder, no partial file
+
+
+def test_main_error_is_short_on_the_real_command_line(tmp_path):
+    cmd = [sys.executable, "-m", "diffperc", *map(str, _fit_args(tmp_path, "--data.init_args.batch_size", "-4"))]
+    env = {k: v for k, v in os.environ.items() if k != "DIFFPERC_DEBUG"}
+    done = run_isolated(cmd, tmp_path, env, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("`--data.batch_size` must be >= 1, got -4") == 1, done.stderr
+    assert len(done.stderr.splitlines()) < 5 and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_main_keeps_the_traceback_of_a_bug_and_under_debug(tmp_path, monkeypatch):
+    # A ValueError NumPy raises, an AssertionError or a RuntimeError is a bug: its traceback is what to report.
+    with pytest.raises(ValueError) as numpy_error:
+        np.zeros(2) + np.zeros(3)
+    for bug in (numpy_error.value, AssertionError("shapes differ"), RuntimeError("CUDA error: an illegal access")):
+        assert user_error(bug) is None, bug
+    with monkeypatch.context() as patch:
+        patch.setattr(diffperc.cli, "DiffpercCLI", lambda **kwargs: torch.zeros(2) @ torch.zeros(3))
+        with pytest.raises(RuntimeError, match="inconsistent tensor size"):
+            main(["fit"])
+    # `--debug` or DIFFPERC_DEBUG=1: a user error propagates too (Python prints its traceback) as jsonargparse raised it
+    args = [str(a) for a in _fit_args(tmp_path, "--data.init_args.batch_size", "-4")]
+    wrapped = r"(?s)Does not validate.*`--data.batch_size` must be >= 1, got -4"
+    with pytest.raises(ValueError, match=wrapped):
+        main([*args, "--debug"])
+    monkeypatch.setenv("DIFFPERC_DEBUG", "1")
+    with pytest.raises(ValueError, match=wrapped):
+        main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Nothing overwrites what a run recorded (a copy of the shared toy run, so the shared one stays as it is)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _run_copy(recipes, tmp: Path) -> tuple[Path, Path]:
+    """The quickstart toy fit copied under ``tmp``: (its config file, the copy's save_dir)."""
+    path, run = recipes.fit("configs/quickstart/depth.yaml")
+    shutil.copytree(run, tmp / "runs" / run.name, ignore=shutil.ignore_patterns("predictions*", "config_*"))
+    return path, tmp / "runs"
+
+
+def _digests(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_scoring_a_run_keeps_its_config_hparams_and_checkpoints(subcommand, recipes, tmp_path):
+    path, save_dir = _run_copy(recipes, tmp_path)
+    run = save_dir / "quickstart_depth"
+    before = _digests(run)
+    cli = tiny_runs.cli(subcommand, "--config", path, "--ckpt_path", "last", "--trainer.logger.init_args.save_dir",
+                        save_dir, "--model.init_args.inference.num_steps", "1")
+    after = _digests(run)
+    for name in ("config.yaml", "hparams.yaml", "checkpoints/last.ckpt"):
+        assert after[name] == before[name], f"{subcommand} rewrote {name}"
+    # Its own record beside the fit's, with this command's values; the model's hyper-parameters are not logged again.
+    record = yaml.safe_load((run / f"config_{subcommand}.yaml").read_text())
+    assert record["ckpt_path"] == "last" and record["model"]["init_args"]["inference"]["num_steps"] == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["inference"]["num_steps"] == 2
+    assert dict(cli.trainer.logger.hparams) == {}
+
+
+def _image_folder(folder: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    """Writes the images ``name: (h, w)`` into ``folder``; (0, 0) writes a file that is not an image."""
+    for name, (h, w) in sizes.items():
+        if h:
+            _png(folder / name, _rgb(h, w))
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_bytes(folder / name, b"\x89PNG\r\n\x1a\n not an image")
+    return folder
+
+
+def test_predict_names_same_stem_inputs_apart_and_a_rerun_starts_a_fresh_folder(recipes, tmp_path):
+    path, save_dir = _run_copy(recipes, tmp_path)
+    run = save_dir / "quickstart_depth"
+    before = _digests(run)
+    first = _image_folder(tmp_path / "first", {"scene.png": (12, 20), "scene.jpg": (20, 9), "bad.png": (0, 0)})
+    args = ["predict", "--config", path, "--ckpt_path", "last", "--trainer.logger.init_args.save_dir", save_dir]
+    with pytest.warns(UserWarning, match=r"Cannot read image .*bad\.png"):
+        tiny_runs.cli(*args, "--data.init_args.images", first)
+    out = run / "predictions"
+    assert np.load(out / "scene.png_depth.npy").shape == (12, 20)  # both, each from its own input
+    assert np.load(out / "scene.jpg_depth.npy").shape == (20, 9)
+    assert not list(out.glob("scene_*")) and (out / "skipped.txt").read_text().startswith("bad: Cannot read image")
+
+    second = _image_folder(tmp_path / "second", {"room.png": (10, 14)})
+    tiny_runs.cli(*args, "--data.init_args.images", second)
+    assert sorted(p.name for p in out.glob("*.npy")) == ["room_depth.npy"]  # no stale outputs, no stale skipped.txt
+    assert not (out / "skipped.txt").exists()
+    (aside,) = run.glob("predictions.*")  # the first predict's files, moved aside whole
+    assert sorted(p.name for p in aside.glob("*.npy")) == ["scene.jpg_depth.npy", "scene.png_depth.npy"]
+    assert (aside / "skipped.txt").is_file()
+    after = _digests(run)
+    for name in ("config.yaml", "hparams.yaml", "checkpoints/last.ckpt"):
+        assert after[name] == before[name], f"predict rewrote {name}"
+    assert yaml.safe_load((run / "config_predict.yaml").read_text())["data"]["init_args"]["images"] == str(second)
+
+
+def test_image_folder_names_inputs_that_share_a_stem_by_their_whole_name(tmp_path):
+    # `hall.png.jpg`'s stem is `hall.png`, the other input's whole name: it keeps its own whole name instead.
+    names = output_names([Path("scene.png"), Path("scene.jpg"), Path("room.png"), Path("hall.png.jpg"),
+                          Path("hall.png")])
+    assert names == {Path("scene.png"): "scene.png", Path("scene.jpg"): "scene.jpg", Path("room.png"): "room",
+                     Path("hall.png.jpg"): "hall.png.jpg", Path("hall.png"): "hall"}
+    folder = _image_folder(tmp_path / "images", {"scene.png": (4, 6), "scene.jpg": (4, 6), "room.png": (4, 6)})
+    assert sorted(name for name, _ in ImageFolder(str(folder)).items) == ["room", "scene.jpg", "scene.png"]
+
+
+def test_predict_refuses_a_given_output_dir_that_is_not_empty(tmp_path):
+    images = _image_folder(tmp_path / "images", {"a.png": (12, 20)})
+    out = tmp_path / "mine"
+    out.mkdir()
+    _write_bytes(out / "notes.txt", b"the user's own file")
+    dm = PerceptionDataModule(images=str(images), predict_resolution=16, predict_multiple=2)
+    trainer = _trainer(tmp_path, callbacks=[PredictionWriter(output_dir=str(out))])
+    with pytest.raises(FileExistsError, match=rf"`output_dir` {out} is not empty.*`--trainer.callbacks.output_dir`"):
+        trainer.predict(_tiny_module(), datamodule=dm)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_second_fresh_fit_into_a_run_is_refused_naming_the_folder_and_the_ways_out(recipes, tmp_path):
+    path, save_dir = _run_copy(recipes, tmp_path)
+    run = save_dir / "quickstart_depth"
+    before = _digests(run)
+    text = _main_stderr(["fit", "--config", path, "--trainer.logger.init_args.save_dir", save_dir])
+    message = (f"{run} already holds a run (config.yaml, last.ckpt). Resume it with `--ckpt_path last`, or start a "
+               "new run with another `--trainer.logger.init_args.name` or `--trainer.logger.init_args.version`.")
+    assert text.count(message) == 1 and "Traceback" not in text, text
+    assert _digests(run) == before  # no last-v1.ckpt, no second set of TensorBoard curves, config.yaml as it was
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A full disk while saving a checkpoint: the error names the file, the previous last.ckpt is intact
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _FullDisk:
+    """The file ``os.fdopen`` returns, on a disk that fills up after ``room`` bytes."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        self._room -= len(data)
+        if self._room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_full_disk_while_saving_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io_plugin = AtomicCheckpointIO()
+    io_plugin.save_checkpoint({"global_step": 2, "w": torch.ones(4)}, path)
+    previous = path.read_bytes()
+    fdopen = os.fdopen
+    monkeypatch.setattr(diffperc.utils.os, "fdopen", lambda fd, mode: _FullDisk(fdopen(fd, mode), room=64))
+    # torch.save meets the OSError inside its zip writer and raises a RuntimeError that names no file.
+    with pytest.raises(OSError, match=rf"No space left on device while writing {path}: any previous last\.ckpt is "
+                                      "kept") as info:
+        io_plugin.save_checkpoint({"global_step": 3, "w": torch.zeros(4096)}, path)
+    assert info.value.errno == errno.ENOSPC and user_error(info.value) == str(info.value)
+    assert path.read_bytes() == previous and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_full_disk_during_a_resumed_fit_is_one_message_and_last_ckpt_survives(recipes, tmp_path, monkeypatch):
+    path, save_dir = _run_copy(recipes, tmp_path)
+    last = save_dir / "quickstart_depth" / "checkpoints" / "last.ckpt"
+    previous = last.read_bytes()
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 a partial zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    # `--ckpt_path last` is a resume: allowed into the run; the checkpoint at step 4 finds the disk full.
+    text = _main_stderr(["fit", "--config", path, "--trainer.logger.init_args.save_dir", save_dir,
+                         "--ckpt_path", "last", "--trainer.max_steps", "4"])
+    assert text.count(f"No space left on device while writing {last}: any previous last.ckpt is kept") == 1, text
+    assert "Traceback" not in text and len(text.splitlines()) < 5, text
+    assert last.read_bytes() == previous and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2

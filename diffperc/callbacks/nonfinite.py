@@ -27,9 +27,11 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, mode: str = "raise", max_consecutive: int = 10, check_grads: bool = True):
         if mode not in MODES:
-            raise ValueError(f"`NonFiniteGuard.mode` must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"NonFiniteGuard mode (`--model.nonfinite`, or `--trainer.callbacks.mode` after "
+                             f"`--trainer.callbacks+=NonFiniteGuard`) must be one of {MODES}, got {mode!r}")
         if max_consecutive < 1:
-            raise ValueError(f"`NonFiniteGuard.max_consecutive` must be >= 1, got {max_consecutive}")
+            raise ValueError(f"NonFiniteGuard `--trainer.callbacks.max_consecutive` must be >= 1, got "
+                             f"{max_consecutive}")
         self.mode, self.max_consecutive, self.check_grads = mode, max_consecutive, check_grads
         self.skipped = 0
         self._consecutive = 0
@@ -39,6 +41,7 @@ class NonFiniteGuard(Callback):
     # ----------------------------------------------------------------------- hooks
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         self._batch_idx = batch_idx
+        self._names = _sample_names(batch)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         finite = bool(torch.isfinite(loss.detach()).all())
@@ -46,7 +49,7 @@ class NonFiniteGuard(Callback):
             return
         what = f"non-finite loss {float(loss.detach().float().sum())}" if not finite else "non-finite loss elsewhere"
         if self.mode == "raise":
-            raise FloatingPointError(self._where(trainer, what))
+            raise FloatingPointError(self._where(trainer, what) + self._samples())
         self._bad_loss = what
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
@@ -62,7 +65,7 @@ class NonFiniteGuard(Callback):
             self._consecutive = 0
             return
         if self.mode == "raise":
-            raise FloatingPointError(self._where(trainer, reason))
+            raise FloatingPointError(self._where(trainer, reason) + self._samples())
         # Skip: grads of None make the optimizer leave every parameter (and its state) untouched this step.
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -81,12 +84,26 @@ class NonFiniteGuard(Callback):
     def _where(self, trainer: Trainer, what: str) -> str:
         return f"{what} at step {trainer.global_step} (batch index {self._batch_idx}, epoch {trainer.current_epoch})"
 
+    def _samples(self) -> str:
+        """The batch's sample names (the files they were read from), for the error that stops training."""
+        names = getattr(self, "_names", [])
+        return f": samples {names[:8]}{' ...' if len(names) > 8 else ''}" if names else ""
+
     # ----------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+
+
+def _sample_names(batch) -> list[str]:
+    """The ``name`` of every sample in a batch (the file it was read from), mixed task batches included."""
+    if not isinstance(batch, dict):
+        return []
+    if isinstance(batch.get("name"), (list, tuple)):
+        return [str(n) for n in batch["name"]]
+    return [n for sub in batch.values() if isinstance(sub, dict) for n in _sample_names(sub)]
 
 
 def _finite(t: torch.Tensor) -> bool:

@@ -5,6 +5,7 @@ Per input: depth ``_depth.png`` (colours), ``_depth16.png``, ``_depth.npy`` and,
 flow ``_flow.flo`` (pixels) and ``_flow.png`` (colours); amodal ``_whole.png`` and ``_mask.png`` (0/255).
 """
 
+import time
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -18,6 +19,15 @@ from diffperc.utils import atomic_write_bytes
 class PredictionWriter(BasePredictionWriter):
     """Saves each prediction through its task (``task.save_prediction``), undoing the resize and padding of inputs.
 
+    Files are ``<name>_<suffix>``. The name of an input of ``--data.images`` is its stem (``scene`` for
+    ``scene.png``), or its whole file name (``scene.png`` and ``scene.jpg``, so ``scene.png_depth.npy``) when another
+    input shares the stem: two inputs never write the same file.
+
+    Each predict writes into a folder of its own outputs only. The default folder, ``<log dir>/predictions``, is
+    moved aside to ``predictions.<YYYYmmdd-HHMMSS>`` if an earlier predict left one, so old files (and an old
+    ``skipped.txt``) never mix with the new. A folder given as ``output_dir`` is the user's: predict refuses to write
+    into it unless it is empty or missing.
+
     Args:
         output_dir: Where files go; default ``<log dir>/predictions``.
     """
@@ -30,6 +40,30 @@ class PredictionWriter(BasePredictionWriter):
 
     def _dir(self, trainer: Trainer) -> Path:
         return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.written, self.skipped = [], []
+        error = self._make_room(self._dir(trainer)) if trainer.is_global_zero else None
+        error = trainer.strategy.broadcast(error)  # every rank stops, or none; none writes before the move
+        if error:
+            raise FileExistsError(error)
+
+    def _make_room(self, out: Path) -> str | None:
+        """Moves an earlier predict's default folder aside; returns why ``out`` can't be written to, if it can't."""
+        if not out.is_dir() or not any(out.iterdir()):
+            return None
+        if self.output_dir:
+            return (f"`output_dir` {out} is not empty: predict writes only into an empty or new folder, so its files "
+                    "never mix with others; empty it or give another `--trainer.callbacks.output_dir`")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = out.with_name(f"{out.name}.{stamp}")
+        for i in range(1, 1000):  # two predicts within one second
+            if not aside.exists():
+                break
+            aside = out.with_name(f"{out.name}.{stamp}-{i}")
+        out.rename(aside)
+        rank_zero_info(f"Moved the earlier predictions in {out} to {aside}")
+        return None
 
     def write_on_batch_end(
         self,
@@ -58,8 +92,8 @@ class PredictionWriter(BasePredictionWriter):
                 p = pl_module.task.resize_prediction(p[..., :h, :w], size)
                 if u is not None:
                     u = F.interpolate(u[..., :h, :w].float(), size=size, mode="bilinear", align_corners=False)
-            # `.name`, not `.stem`: names carry no extension, and `.stem` would cut `frame.001` and `frame.002` to
-            # one `frame`, so the second input's files would overwrite the first's.
+            # `.name`, not `.stem`: a name is whole (`scene.png` when `scene.jpg` is an input too), and `.stem` would
+            # cut `frame.001` and `frame.002` to one `frame`, so the second input's files would overwrite the first's.
             stem = Path(name).name
             self.written += pl_module.task.save_prediction(p[0], None if u is None else u[0], out_dir, stem)
 

@@ -18,7 +18,7 @@ class PixelCodec(Codec):
     def __init__(self, unshuffle: int = 1):
         super().__init__()
         if unshuffle < 1:
-            raise ValueError(f"`codec.unshuffle` must be >= 1, got {unshuffle}")
+            raise ValueError(f"`--model.codec.unshuffle` must be >= 1, got {unshuffle}")
         self.unshuffle = unshuffle
         self.latent_channels = 3 * unshuffle**2
         self.downsample = unshuffle

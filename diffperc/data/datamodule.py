@@ -6,7 +6,7 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from diffperc.data.images import ImageFolder
+from diffperc.data.images import DEFAULT_MAX_IMAGE_SIDE, ImageFolder
 from diffperc.data.sampler import ResumableDataLoader, ResumableSampler, data_parallel_layout
 
 
@@ -20,6 +20,10 @@ class PerceptionDataModule(LightningDataModule):
         images: Folder of images for ``diffperc predict``.
         predict_resolution: Long edge of ``images`` during prediction (outputs are resized back).
         predict_multiple: Pad ``images`` to a multiple of this (codec downsample x patch size).
+        max_image_side: Longest side of an ``images`` input decoded at full size (default 8192). Larger PNGs and
+            JPEGs are decoded at 1/2, 1/4 or 1/8 scale (a JPEG never exists in memory at full size: reading a
+            12000 x 9000 photo adds about 190 MB instead of 620 MB); an input above 8x this is skipped and listed in
+            ``skipped.txt``. Outputs keep the input's original size. None = no limit.
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size (default: ``batch_size``).
         num_workers: Loader worker processes (samples are generated from their index, so workers need no seeding).
@@ -35,6 +39,7 @@ class PerceptionDataModule(LightningDataModule):
         images: str | None = None,
         predict_resolution: int = 32,
         predict_multiple: int = 8,
+        max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -47,7 +52,8 @@ class PerceptionDataModule(LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"`--data.num_workers` must be >= 0, got {num_workers}")
         for key, value in (
-            ("eval_batch_size", eval_batch_size or 1),
+            ("eval_batch_size", 1 if eval_batch_size is None else eval_batch_size),
+            ("max_image_side", 1 if max_image_side is None else max_image_side),
             ("predict_resolution", predict_resolution),
             ("predict_multiple", predict_multiple),
         ):
@@ -57,8 +63,9 @@ class PerceptionDataModule(LightningDataModule):
             raise FileNotFoundError(f"`--data.images` folder not found: {images}")
         self.train_set, self.val_set, self.test_set = train, val, test
         self.images, self.predict_resolution, self.predict_multiple = images, predict_resolution, predict_multiple
+        self.max_image_side = max_image_side
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
 
     def _loader(self, dataset: Dataset | None, name: str, batch_size: int, shuffle: bool) -> DataLoader:
@@ -88,22 +95,45 @@ class PerceptionDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         if self.images:
-            return folder_loader(self, self.images, self.predict_resolution, self.predict_multiple, self.num_workers)
+            return folder_loader(
+                self, self.images, self.predict_resolution, self.predict_multiple, self.num_workers, self.max_image_side
+            )
         return self._loader(self.test_set, "test", self.eval_batch_size, shuffle=False)
 
 
+def check_predict_multiple(multiple: int, module, flag: str = "--data.init_args.predict_multiple") -> None:
+    """Predict inputs are padded to ``multiple``: it must be a multiple of the model's codec downsample x patch size,
+    or a padded input would not split into whole latent patches (and fail or lose its edge mid-run)."""
+    codec, net = getattr(module, "codec", None), getattr(module, "net", None)
+    if codec is None or not hasattr(net, "patch_size"):
+        return
+    tile = codec.downsample * net.patch_size
+    if multiple % tile:
+        raise ValueError(
+            f"`{flag}` {multiple} must be a multiple of the codec's downsample {codec.downsample} x the patch size "
+            f"{net.patch_size} = {tile}: inputs padded to {multiple} would not split into whole patches"
+        )
+
+
 def folder_loader(
-    datamodule: LightningDataModule, images: str, resolution: int, multiple: int, num_workers: int = 0
+    datamodule: LightningDataModule,
+    images: str,
+    resolution: int,
+    multiple: int,
+    num_workers: int = 0,
+    max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
 ) -> DataLoader:
     """A loader over a folder of user inputs in the layout (``predict_layout``) of the task that the trainer's model
     predicts: single images for depth, frame pairs for flow, image + ``_mask`` pairs for amodal."""
     trainer = datamodule.trainer  # set by Lightning before it asks for loaders; None outside a run
-    task = getattr(trainer.lightning_module, "task", None) if trainer is not None else None
+    module = trainer.lightning_module if trainer is not None else None
+    task = getattr(module, "task", None)
     if task is None:
         raise ValueError(
             "`--data.images` is read in the layout of the model's task, but the trainer holds no model with a `task` "
             "(run `diffperc predict` with a fine-tuning model, e.g. `diffperc.lit.PerceptionFinetuning`)"
         )
-    folder = ImageFolder(images, resolution, multiple, layout=task.predict_layout)
+    check_predict_multiple(multiple, module)
+    folder = ImageFolder(images, resolution, multiple, layout=task.predict_layout, max_image_side=max_image_side)
     # Inputs keep their aspect ratio, so sizes differ: one input per batch.
     return DataLoader(folder, batch_size=1, num_workers=num_workers)

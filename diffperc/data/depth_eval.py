@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffperc.data.io import check_finite
 from diffperc.data.real import DepthListDataset
 
 Resolution = int | tuple[int, int] | None
@@ -180,6 +181,7 @@ class ETH3DDataset(DepthListDataset):
             raise ValueError(f"ETH3D depth {path} has {len(data)} bytes, expected {h * w * 4} for {h}x{w} float32")
         depth = np.frombuffer(data, dtype="<f4").reshape(h, w).astype(np.float32)
         depth[depth == np.inf] = 0.0  # ETH3D marks pixels without ground truth as +inf
+        check_finite(depth, path, "Depth")  # NaN or -inf: a corrupt file, not a missing measurement
         return depth
 
 
@@ -264,7 +266,9 @@ class DIODEDataset(DepthListDataset):
         return arr
 
     def _read_depth(self, path: Path, image_hw: tuple[int, int]) -> np.ndarray:
-        return self._load_npy(path, "depth").astype(np.float32)
+        depth = self._load_npy(path, "depth").astype(np.float32)
+        check_finite(depth, path, "Depth")
+        return depth
 
     def _valid_mask(self, depth: np.ndarray, fields: list[str]) -> np.ndarray:
         mask_path = self.root / fields[2]

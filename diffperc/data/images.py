@@ -10,9 +10,13 @@ Flow pairs: if any image is named ``<name>_1.<ext>`` / ``<name>_2.<ext>`` or ``<
 a first frame without its second (or the reverse) or an image that is not part of a pair is an error naming the
 file. Otherwise the folder is one video: consecutive images in name order, frames i and i + 1, named
 ``<frame i>_<frame i + 1>``.
+
+Sample names (and so output file names) are the input's stem, or its whole file name when two inputs share a stem
+(``scene.png`` and ``scene.jpg``): see `output_names`.
 """
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -22,6 +26,16 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+# Longest input side decoded at full size; larger inputs are decoded at 1/2, 1/4 or 1/8 scale (`ImageFolder`).
+DEFAULT_MAX_IMAGE_SIDE = 8192
+_REDUCED = {  # read flag -> {scale-down factor: the flag that decodes at that scale}
+    cv2.IMREAD_COLOR: {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8},
+    cv2.IMREAD_GRAYSCALE: {
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    },
+}
 LAYOUTS = ("single", "pairs", "masks")
 # `<name>_1` / `<name>_2` or `<name>_img1` / `<name>_img2`: the named frames of one flow pair.
 _NAMED_FRAME = re.compile(r"(?P<name>.+)_(?P<marker>img)?(?P<frame>[12])")
@@ -49,7 +63,8 @@ def flow_pairs(files: list[Path]) -> list[tuple[str, tuple[Path, Path]]]:
             raise ValueError(f"`--data.images`: {frames[match['frame']]} and {path} are the same flow frame; keep one")
         frames[match["frame"]] = path
     if not named:  # one video: consecutive frames
-        return [(f"{a.stem}_{b.stem}", (a, b)) for a, b in zip(files[:-1], files[1:])]
+        names = output_names(files)
+        return [(f"{names[a]}_{names[b]}", (a, b)) for a, b in zip(files[:-1], files[1:])]
     if others:
         raise ValueError(
             f"`--data.images` holds named flow pairs (`<name>_1`/`<name>_2` or `<name>_img1`/`<name>_img2`), so every "
@@ -72,6 +87,15 @@ def flow_pairs(files: list[Path]) -> list[tuple[str, tuple[Path, Path]]]:
     return pairs
 
 
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """The sample name of each input file: its stem (``scene`` for ``scene.png``), or its whole file name when another
+    input shares the stem (``scene.png`` and ``scene.jpg``) or is named like it, so no two inputs share a name (their
+    predictions would overwrite each other)."""
+    stems = Counter(p.stem for p in files)
+    whole = {p.name for p in files}
+    return {p: p.stem if stems[p.stem] == 1 and p.stem not in whole else p.name for p in files}
+
+
 class ImageFolder(Dataset):
     """Every input in a folder (sorted by name), long edge resized to ``resolution``, padded to ``multiple``.
 
@@ -80,9 +104,18 @@ class ImageFolder(Dataset):
         resolution: Processing resolution: the long edge after resizing.
         multiple: Pad height and width up to a multiple of this (the codec factor x the patch size).
         layout: ``single``, ``pairs`` or ``masks`` (the task's ``predict_layout``; see the module docstring).
+        max_image_side: Inputs with a longer side are decoded at 1/2, 1/4 or 1/8 scale, the least that brings the side
+            to at most this (a JPEG is never held at full size); an input above 8x this is skipped. None = no limit.
     """
 
-    def __init__(self, root: str, resolution: int = 32, multiple: int = 8, layout: str = "single"):
+    def __init__(
+        self,
+        root: str,
+        resolution: int = 32,
+        multiple: int = 8,
+        layout: str = "single",
+        max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"`--data.images` folder not found: {self.root}")
@@ -95,29 +128,63 @@ class ImageFolder(Dataset):
             missing = [p.name for p in images if p.stem not in masks]
             if missing:
                 raise ValueError(f"`--data.images` {self.root}: no `<name>_mask.png` for {missing[:5]}")
-            self.items = [(p.stem, (p, masks[p.stem])) for p in images]
+            names = output_names(images)
+            self.items = [(names[p], (p, masks[p.stem])) for p in images]
         elif layout == "pairs":
             self.items = flow_pairs(files)
         else:
-            self.items = [(p.stem, (p,)) for p in files]
+            names = output_names(files)
+            self.items = [(names[p], (p,)) for p in files]
         if not self.items:
             need = "two or more images" if layout == "pairs" else "images"
             raise ValueError(f"`--data.images` folder {self.root} holds no {need} ({', '.join(IMAGE_SUFFIXES)})")
         if resolution <= 0 or multiple <= 0:
             raise ValueError(f"`resolution` and `multiple` must be positive, got {resolution}, {multiple}")
+        if max_image_side is not None and max_image_side < 1:
+            raise ValueError(f"`--data.max_image_side` must be >= 1 or null, got {max_image_side}")
         self.resolution, self.multiple, self.layout = resolution, multiple, layout
+        self.max_image_side = max_image_side
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _read(self, path: Path, flags: int) -> np.ndarray:
+    def _read(self, path: Path, flags: int, factor: int | None = None) -> tuple[np.ndarray, tuple[int, int], int]:
+        """Decodes ``path``: (image, its full-size (H, W), the scale-down factor it was decoded at). The factor is
+        the least of 1, 2, 4, 8 that brings the longest side within ``max_image_side``, unless given (the second
+        frame of a pair, a mask: the first image's)."""
         try:
-            img = cv2.imread(str(path), flags)
+            data = path.read_bytes()
+        except OSError as err:
+            raise _Unreadable(f"Cannot read image {path} ({err.strerror}); skipped") from err
+        if data[:2] == b"\xff\xd8" and _truncated_jpeg(data):  # libjpeg decodes the part it has without an error
+            raise _Unreadable(f"Cannot read image {path} (truncated JPEG: no end-of-image marker); skipped")
+        full = _header_size(data)
+        if full is None:  # not a PNG or JPEG: decoded at full size, then held to the same limit
+            factor = 1
+        elif factor is None:
+            factor = self._factor(path, full)
+        try:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[flags][factor] if factor > 1 else flags)
         except cv2.error as err:  # some decoders raise instead of returning None
             raise _Unreadable(f"Cannot read image {path} ({str(err).strip().splitlines()[-1]}); skipped") from err
         if img is None or img.size == 0:
             raise _Unreadable(f"Cannot read image {path} (unreadable or not an image); skipped")
-        return img
+        if factor == 1:
+            full = img.shape[:2]  # exact, EXIF rotation included
+            self._factor(path, full)  # a format without a parsed header: the size limit still holds
+        elif (img.shape[0] > img.shape[1]) != (full[0] > full[1]) and full[0] != full[1]:
+            full = full[::-1]  # EXIF orientation turned the stored image by 90 degrees
+        return img, (int(full[0]), int(full[1])), factor
+
+    def _factor(self, path: Path, full: tuple[int, int]) -> int:
+        limit = self.max_image_side
+        for factor in (1, 2, 4, 8):
+            if limit is None or -(-max(full) // factor) <= limit:
+                return factor
+        raise _Unreadable(
+            f"Image {path} is {full[1]}x{full[0]} pixels, more than 8x `--data.init_args.max_image_side` {limit}: "
+            "skipped (raise the limit to read it at 1/8 scale)"
+        )
 
     def _fit(self, img: np.ndarray, size: tuple[int, int], nearest: bool = False) -> torch.Tensor:
         """Resize to ``size`` (h, w), pad right/bottom to the multiple (cropped off afterwards); (C, H, W)."""
@@ -131,19 +198,19 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         name, paths = self.items[index]
         try:
-            first = self._read(paths[0], cv2.IMREAD_COLOR)
-            h0, w0 = first.shape[:2]
+            first, (h0, w0), factor = self._read(paths[0], cv2.IMREAD_COLOR)
             scale = self.resolution / max(h0, w0)
             size = (max(1, round(h0 * scale)), max(1, round(w0 * scale)))
-            sample = {"image": self._fit(first[..., ::-1], size) / 127.5 - 1}
+            # BGR -> RGB after resizing: flipping the channels of a full-size input would copy all of it.
+            sample = {"image": self._fit(first, size).flip(0) / 127.5 - 1}
             if self.layout == "pairs":
-                second = self._read(paths[1], cv2.IMREAD_COLOR)
-                if second.shape[:2] != (h0, w0):
+                second, second_size, _ = self._read(paths[1], cv2.IMREAD_COLOR, factor)
+                if second_size != (h0, w0):
                     raise _Unreadable(f"Frames {paths[0]} and {paths[1]} differ in size; skipped")
-                sample["image2"] = self._fit(second[..., ::-1], size) / 127.5 - 1
+                sample["image2"] = self._fit(second, size).flip(0) / 127.5 - 1
             elif self.layout == "masks":
-                mask = self._read(paths[1], cv2.IMREAD_GRAYSCALE)
-                if mask.shape[:2] != (h0, w0):
+                mask, mask_size, _ = self._read(paths[1], cv2.IMREAD_GRAYSCALE, factor)
+                if mask_size != (h0, w0):
                     raise _Unreadable(f"Mask {paths[1]} does not match image {paths[0]} in size; skipped")
                 sample["visible_mask"] = (self._fit(mask, size, nearest=True) > 127).float()
         except _Unreadable as err:
@@ -166,3 +233,33 @@ class ImageFolder(Dataset):
         elif self.layout == "masks":
             sample["visible_mask"] = torch.zeros(1, side, side)
         return sample
+
+
+def _truncated_jpeg(data: bytes) -> bool:
+    """A JPEG whose last scan (SOS marker 0xFFDA) is not followed by the end-of-image marker 0xFFD9. Entropy-coded
+    data never holds 0xFFD9, and an EXIF thumbnail's own end marker comes before the main image's scan."""
+    return data.rfind(b"\xff\xd9") < max(data.rfind(b"\xff\xda"), 2)
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) as stored in a PNG or JPEG header, without decoding; None for other formats or a header it can't parse."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if data[12:16] != b"IHDR" or len(data) < 24:
+            return None  # a broken header: left to the decoder, which reports the file unreadable
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data):  # walk the marker segments up to the frame header (SOF0..SOF15 but DHT, JPG, DAC)
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None

@@ -29,8 +29,8 @@ def read_flo(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: wrong magic, non-positive or absurd size, or a payload that is shorter or longer than the header
-            says.
+        ValueError: wrong magic, non-positive or absurd size, a payload that is shorter or longer than the header
+            says, or NaN / infinite vectors (ground truth must be finite; mark missing flow in a separate mask).
     """
     path = Path(path)
     if not path.is_file():
@@ -51,7 +51,19 @@ def read_flo(path: str | os.PathLike) -> np.ndarray:
             f"{kind} .flo file {path}: {len(data)} bytes, expected {expected} for a {width}x{height} flow field"
         )
     flow = np.frombuffer(data, dtype="<f4", offset=_FLO_HEADER_BYTES).reshape(height, width, 2)
+    check_finite(flow, path, "Flow file")
     return flow.astype(np.float32)  # a writable, native-endian copy
+
+
+def check_finite(values: np.ndarray, path: Path, what: str) -> None:
+    """Rejects ground truth with NaN or infinite values, naming the file and the first bad pixel (row, column)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0][:2])
+        raise ValueError(
+            f"{what} {path} holds NaN or infinite values ({int(bad.sum())} of them, the first at row {row}, column "
+            f"{col}); ground truth must be finite"
+        )
 
 
 def write_flo(path: str | os.PathLike, flow: np.ndarray) -> None:
@@ -126,6 +138,8 @@ def read_depth_png(path: str | os.PathLike, scale: float, expect_uint16: bool = 
         raise ValueError(f"Depth PNG {path} is {raw.dtype}, expected a 16-bit (uint16) PNG")
     if raw.ndim != 2:
         raise ValueError(f"Depth PNG {path} has shape {raw.shape}, expected a single channel (H, W)")
+    if raw.dtype.kind == "f":  # a float image (TIFF, EXR) when `expect_uint16` is off
+        check_finite(raw, path, "Depth")
     return (raw.astype(np.float32) / np.float32(scale)).astype(np.float32)
 
 

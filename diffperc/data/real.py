@@ -196,6 +196,11 @@ class DepthListDataset(Dataset):
             raise ValueError(f"Depth {depth_path} is {depth.shape} but image {rgb_path} is {rgb.shape[:2]} (H, W)")
         if not np.isfinite(depth).all():
             raise ValueError(f"Depth {depth_path} holds NaN or infinite values")
+        if (depth < 0).any():
+            raise ValueError(
+                f"Depth {depth_path} holds negative values ({int((depth < 0).sum())} of them, min "
+                f"{float(depth.min()):.3g} m); depth is a distance: mark missing pixels with 0 or the data set's mask"
+            )
         rgb, depth = self._crop(rgb, rgb_path), self._crop(depth, depth_path)
         valid = self._valid_mask(depth, fields)
         native = None

@@ -2,12 +2,19 @@
 
 from diffperc.diffusion.ensemble import ensemble
 from diffperc.diffusion.sampling import REDUCERS, InferenceSettings, sample_ensemble
-from diffperc.diffusion.schedules import DiffusionSettings, make_sampler, make_train_scheduler, training_target
+from diffperc.diffusion.schedules import (
+    DiffusionSettings,
+    check_num_steps,
+    make_sampler,
+    make_train_scheduler,
+    training_target,
+)
 
 __all__ = [
     "REDUCERS",
     "DiffusionSettings",
     "InferenceSettings",
+    "check_num_steps",
     "ensemble",
     "make_sampler",
     "make_train_scheduler",

@@ -41,6 +41,15 @@ class DiffusionSettings:
             raise ValueError(f"`--model.diffusion.num_train_timesteps` must be >= 1, got {self.num_train_timesteps}")
 
 
+def check_num_steps(num_steps: int, settings: DiffusionSettings, flag: str = "--model.init_args.inference.num_steps"):
+    """DDIM takes at most one step per training timestep; diffusers would only refuse more when sampling starts."""
+    if num_steps > settings.num_train_timesteps:
+        raise ValueError(
+            f"`{flag}` {num_steps} is more than the {settings.num_train_timesteps} training timesteps "
+            "(`--model.init_args.diffusion.num_train_timesteps`): DDIM takes at most one step per training timestep"
+        )
+
+
 def make_train_scheduler(settings: DiffusionSettings) -> DDPMScheduler:
     """The DDPM forward process used for noising during training."""
     return DDPMScheduler(

@@ -3,6 +3,7 @@
 To run: ``diffperc fit --config configs/quickstart/depth.yaml`` then ``diffperc test ... --ckpt_path last``.
 """
 
+import math
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,12 +19,14 @@ from diffperc.data.sampler import data_parallel_layout
 from diffperc.diffusion import (
     DiffusionSettings,
     InferenceSettings,
+    check_num_steps,
     ensemble,
     make_sampler,
     make_train_scheduler,
     sample_ensemble,
     training_target,
 )
+from diffperc.lit.checks import check_init_from, check_max_steps, check_record, module_record
 from diffperc.lit.parallel import draw_noise_and_timesteps
 from diffperc.models import (
     DiT,
@@ -214,6 +217,7 @@ class PerceptionFinetuning(LightningModule):
                 f"`--model.image_size`={image_size} must be a multiple of the codec's downsample factor "
                 f"{self.codec.downsample}"
             )
+        check_num_steps(self.inference.num_steps, self.diffusion)
 
         # 1. Build the DiT for one latent. A checkpoint that is already a mixture of experts (pretrained as one,
         #    `diffperc upcycle`, an upcycled run) brings its own layout: the dense base of the preset, then every
@@ -222,6 +226,8 @@ class PerceptionFinetuning(LightningModule):
         self.latent_channels = c
         multi = len(self.tasks) > 1
         source = read_network_state(init_from) if init_from else {}
+        if init_from:
+            check_init_from(init_from, self)  # a fine-tuned checkpoint of another task, schedule or codec
         stored = self._checkpoint_moe(init_from, source) if init_from else None
         self.net = self.backbone.build(
             dense=stored is not None,
@@ -393,15 +399,25 @@ class PerceptionFinetuning(LightningModule):
     def is_moe(self) -> bool:
         return moe_config(self.net) is not None
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            check_max_steps(self.trainer)  # the CLI checks before writing anything; this is for Python callers
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # What rebuilds the network without the config (used by `diffperc export` and `load_pretrained` users).
-        checkpoint["diffperc"] = {
-            "dit_config": self.net.config,
-            "moe": moe_config(self.net),
-            "task": self.task.name,
-            "tasks": [t.name for t in self.tasks],
-            "task_routes": getattr(self.net.x_embedder, "in_channels", None),
-        }
+        # What rebuilds the network without the config (used by `diffperc export` and `load_pretrained` users), and
+        # what a model loading the checkpoint must match: tasks, prediction type and schedule, codec (`lit/checks.py`).
+        checkpoint["diffperc"] = module_record(self)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # `--ckpt_path` (resume, test, sweep tts): one line naming the first field that differs, instead of
+        # Lightning's size-mismatch dump, or a silent wrong score where the shapes agree. The CLI ran the same check
+        # before writing anything (`check_before_run`); this one covers `trainer.test(model, ckpt_path=...)`.
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        trainer = self._trainer
+        # Sharded strategies have wrapped or already loaded the weights: compare the records only.
+        sharded = trainer is not None and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        check_record(trainer.ckpt_path if trainer is not None else "checkpoint", checkpoint, self, weights=not sharded)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -465,6 +481,13 @@ class PerceptionFinetuning(LightningModule):
                 macs = self.test_macs_per_sample(self._test_image_shapes[task.name], task)
                 record[f"{prefix}compute/test_macs_per_sample"] = macs
         record["inference"] = asdict(self.inference)
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:  # never written: strict JSON has no NaN, and a NaN score must not pass for a result
+            raise FloatingPointError(
+                f"Test metric `{bad[0]}` is {record[bad[0]]}"
+                + (f" (and {len(bad) - 1} more: {bad[1:4]})" if len(bad) > 1 else "")
+                + ": non-finite predictions or empty ground truth; test_metrics.json was not written"
+            )
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP: all ranks ask
         if self.trainer.is_global_zero:
             atomic_write_json(log_dir / "test_metrics.json", record)

@@ -23,9 +23,9 @@ class ExponentialDecayLR(LRScheduler):
         last_epoch: int = -1,
     ):
         if total_steps < 1:
-            raise ValueError(f"`lr_scheduler.total_steps` must be >= 1, got {total_steps}")
+            raise ValueError(f"`--model.lr_scheduler.total_steps` must be >= 1, got {total_steps}")
         if not 0 < final_lr_ratio <= 1:
-            raise ValueError(f"`lr_scheduler.final_lr_ratio` must be in (0, 1], got {final_lr_ratio}")
+            raise ValueError(f"`--model.lr_scheduler.final_lr_ratio` must be in (0, 1], got {final_lr_ratio}")
         self.total_steps, self.final_lr_ratio, self.warmup_steps = total_steps, final_lr_ratio, warmup_steps
         super().__init__(optimizer, last_epoch)
 

@@ -145,14 +145,21 @@ def load_pretrained(
 
     mismatched = [k for k in source if k in target and source[k].shape != target[k].shape]
     if mismatched:
-        listed = ", ".join(
-            f"`{k}` file {tuple(source[k].shape)} vs model {tuple(target[k].shape)}" for k in mismatched[:_MAX_LISTED]
+        # One line: the first architecture field that differs (what to change), then the first tensor it breaks.
+        k = mismatched[0]
+        field = architecture_mismatch(source, target)
+        more = f" (+{len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ValueError(
+            f"{path}: the weights do not fit the model (wrong architecture or size?): "
+            f"{field + '; first tensor ' if field else ''}`{k}` file {tuple(source[k].shape)} vs model "
+            f"{tuple(target[k].shape)}{more}"
         )
-        more = f" (+{len(mismatched) - _MAX_LISTED} more)" if len(mismatched) > _MAX_LISTED else ""
-        raise ValueError(f"{path}: the weights do not fit the model (wrong architecture or size?): {listed}{more}")
     missing = [k for k in target if k not in source]
     unexpected = [k for k in source if k not in target]
     if strict and (missing or unexpected):
+        field = architecture_mismatch(source, target)
+        if field:
+            raise ValueError(f"{path}: the weights do not fit the model (wrong architecture or size?): {field}")
         raise ValueError(
             f"{path}: keys differ from the model (pass strict=False to load the rest): "
             f"missing {missing[:_MAX_LISTED]} ({len(missing)} in all), "
@@ -169,6 +176,77 @@ def load_pretrained(
         "missing_keys": missing,
         "unexpected_keys": unexpected,
     }
+
+
+# Architecture fields a DiT's tensors show, in the order a mismatch is reported, with the flag that sets each.
+_FIELD_FLAGS = {
+    "hidden_size": "--model.init_args.backbone.hidden_size",
+    "depth": "--model.init_args.backbone.depth",
+    "patch_size": "--model.init_args.backbone.patch_size",
+    "num_experts": "--model.init_args.backbone.name` (an `-<E>E<k>A` preset) or `--model.init_args.upcycle",
+    "expert_type": "--model.init_args.backbone.expert_type",
+    "shared_expert_hidden_size": "--model.init_args.backbone.num_shared_experts` / `shared_expert_ratio",
+    "mlp_hidden_size": "--model.init_args.backbone.name",
+    "task_routes": "--model.init_args.task",
+    "in_channels": "--model.init_args.codec",
+    "out_channels": "--model.init_args.codec` / `--model.init_args.backbone.learn_sigma",
+    "label_rows": "--model.init_args.task",
+    "num_patches": "--model.init_args.image_size",
+}
+_ROUTE_KEY = re.compile(r"^x_embedder\.routes\.(\d+)\.proj\.weight$")
+
+
+def network_fields(state: Mapping[str, torch.Tensor]) -> dict:
+    """The architecture a DiT state dict (keys without prefix) shows in its tensor shapes: width, depth, patch,
+    experts, MLP width, input routes and channels, output channels per pixel, label rows and position-grid tokens."""
+    fields: dict = {}
+    if _ANCHOR in state:
+        fields["hidden_size"] = state[_ANCHOR].shape[0]
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if blocks:
+        fields["depth"] = max(blocks) + 1
+    routes = sorted((int(m[1]), state[k]) for k in state if (m := _ROUTE_KEY.match(k)))
+    proj = state.get("x_embedder.proj.weight", routes[0][1] if routes else None)  # (D, C_in, p, p)
+    if proj is not None and proj.dim() == 4:
+        fields["patch_size"] = proj.shape[-1]
+    moe = infer_moe_config(state)
+    fields["num_experts"] = moe["num_experts"] if moe else 0
+    if moe:
+        fields["expert_type"] = moe["expert_type"]
+        fields["shared_expert_hidden_size"] = moe["num_shared_experts"] * (moe["shared_expert_hidden_size"] or 0)
+    keys = ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.experts.0.fc1.weight", "blocks.0.mlp.experts.0.gate_proj.weight")
+    fc1 = next((state[k] for k in keys if k in state), None)
+    if fc1 is not None:
+        fields["mlp_hidden_size"] = fc1.shape[0]
+    if routes:
+        fields["task_routes"] = [w.shape[1] for _, w in routes]
+    elif proj is not None and proj.dim() == 4:
+        fields["in_channels"] = proj.shape[1]
+    final = state.get("final_layer.linear.weight")
+    if final is not None and "patch_size" in fields:
+        fields["out_channels"] = final.shape[0] // fields["patch_size"] ** 2
+    if "y_embedder.embedding_table.weight" in state:
+        fields["label_rows"] = state["y_embedder.embedding_table.weight"].shape[0]
+    if "pos_embed" in state and state["pos_embed"].dim() == 3:
+        fields["num_patches"] = state["pos_embed"].shape[1]
+    return fields
+
+
+def architecture_mismatch(
+    source: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    names: tuple[str, str] = ("the file", "the model"),
+    flags: bool = True,
+) -> str | None:
+    """The first architecture field (``network_fields``) in which a file's DiT tensors and a model's differ, as
+    ``"`hidden_size` is 48 in the file, 32 in the model (`--model.init_args.backbone.hidden_size`)"`` (``names``
+    say where each state dict comes from; ``flags`` adds the flag that sets the field); None if they agree."""
+    src, tgt = network_fields(source), network_fields(target)
+    for field, flag in _FIELD_FLAGS.items():
+        if field in src and field in tgt and src[field] != tgt[field]:
+            hint = f" (`{flag}`)" if flags else ""
+            return f"`{field}` is {src[field]} in {names[0]}, {tgt[field]} in {names[1]}{hint}"
+    return None
 
 
 def read_network_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -197,25 +275,26 @@ def read_moe_config(path: str | Path, state: Mapping[str, torch.Tensor] | None =
     state = read_network_state(path) if state is None else state
     if infer_moe_config(state) is None:
         return None
-    record, hparams = _read_records(path)
-    known = {"experts_per_token": None, "normalize_weights": None, **_moe_from_hparams(hparams), **(record or {})}
+    record, hparams = read_records(path)
+    known = {"experts_per_token": None, "normalize_weights": None, **_moe_from_hparams(hparams)}
+    known.update(record.get("moe") or {})
     return {**known, **infer_moe_config(state, known.get("num_shared_experts"))}
 
 
-def _read_records(path: Path) -> tuple[dict | None, dict]:
-    """The ``moe`` record and the hyper-parameters stored with a checkpoint (None and {} when there are none)."""
+def read_records(path: str | Path) -> tuple[dict, dict]:
+    """The ``diffperc`` record (what rebuilds and checks the network: ``dit_config``, ``moe``, ``tasks``,
+    ``diffusion``, ``codec``, ...) and the hyper-parameters stored with a checkpoint ({} for each when there are none).
+    A ``diffperc export`` ``.safetensors`` file keeps both in the ``.json`` beside it."""
+    path = Path(path)
     if path.suffix == ".safetensors":
         sidecar = path.with_suffix(".json")
         raw = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         raw = raw if isinstance(raw, dict) else {}
-        return raw.get("moe"), dict(raw.get("hyper_parameters") or {})
-    try:  # memory-mapped: the tensors, already read once, are not loaded again
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (non-zip) file cannot be mapped
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return raw, dict(raw.get("hyper_parameters") or {})
+    raw = load_weights_only(path)  # memory-mapped: the tensors, already read once, are not loaded again
     meta = raw.get("diffperc") if isinstance(raw, Mapping) else None
     hparams = raw.get("hyper_parameters") if isinstance(raw, Mapping) else None
-    return (meta or {}).get("moe"), dict(hparams or {})
+    return dict(meta or {}), dict(hparams or {})
 
 
 def _moe_from_hparams(hparams: Mapping) -> dict:
@@ -238,6 +317,17 @@ def _moe_from_hparams(hparams: Mapping) -> dict:
     return out
 
 
+def load_weights_only(path: str | Path, mmap: bool = True):
+    """``torch.load(path, weights_only=True)`` on the CPU, memory-mapped when the file allows it.
+
+    Only zip-format files (``torch.save``'s default since 1.6) can be mapped; a legacy file
+    (``_use_new_zipfile_serialization=False``) is read plainly instead of failing as if it were truncated.
+    """
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
+
+
 def _read(path: Path) -> tuple[object, str]:
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file not found: {path}")
@@ -246,7 +336,7 @@ def _read(path: Path) -> tuple[object, str]:
 
         return load_file(str(path), device="cpu"), "safetensors"
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_weights_only(path, mmap=False)
     except Exception as err:
         # weights_only refuses any pickled object that is not a tensor or a plain container: never run it.
         raise ValueError(

@@ -34,7 +34,9 @@ class AmodalTask(Task):
 
     def __init__(self, threshold: float = 20 / 255, reducer: str = "median"):
         if not 0 < threshold < 2:
-            raise ValueError(f"`task.threshold` must be in (0, 2) (image units, 2 = 255 levels), got {threshold}")
+            raise ValueError(
+                f"`--model.task.threshold` must be in (0, 2) (image units, 2 = 255 levels), got {threshold}"
+            )
         self.threshold, self.reducer = float(threshold), reducer
 
     def conditions(self, batch: dict) -> list[torch.Tensor]:

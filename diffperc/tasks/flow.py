@@ -42,7 +42,7 @@ class FlowTask(Task):
         self, max_flow: float = 8.0, outlier_thresholds: tuple[float, ...] = (1.0, 3.0, 5.0), reducer: str = "median"
     ):
         if max_flow <= 0:
-            raise ValueError(f"`task.max_flow` must be positive (pixels), got {max_flow}")
+            raise ValueError(f"`--model.task.max_flow` must be positive (pixels), got {max_flow}")
         self.max_flow = float(max_flow)
         self.outlier_thresholds = tuple(float(t) for t in outlier_thresholds)
         self.reducer = reducer
