@@ -31,8 +31,9 @@ test: install
 test-fast:
 	$(PY) -m pytest -q -m "not slow" --timeout 300
 
+# `--ckpt_path last`: a second `make demo` resumes (or finds finished) the run the first one started.
 demo: install
-	$(PY) -m diffperc fit --config $(CONFIG)
+	$(PY) -m diffperc fit --config $(CONFIG) --ckpt_path last
 	$(PY) -m diffperc test --config $(CONFIG) --ckpt_path last
 	$(PY) -m diffperc predict --config $(CONFIG) --ckpt_path last --trainer.limit_predict_batches 1
 	$(PY) -m diffperc.demo --config $(CONFIG)
