@@ -81,8 +81,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:
-    """Writes ``obj`` as indented JSON atomically."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Writes ``obj`` as indented, strict JSON atomically: a NaN or infinity raises ``ValueError`` (naming ``path``)
+    instead of becoming a bare ``NaN`` that other JSON readers reject, and the file is left as it was."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"Refusing to write {path}: {err} (a number that was never measured)") from err
+    return atomic_write_bytes(path, (text + "\n").encode())
 
 
 def png_bytes(array) -> bytes:

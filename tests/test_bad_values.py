@@ -536,3 +536,12 @@ def test_huge_jpeg_is_read_within_a_bounded_memory(tmp_path):
     assert (status, int(h), int(w)) == ("ok", 9000, 12000)
     grown_mib = (int(after) - int(before)) / 1024
     assert grown_mib < 300, f"reading the sample grew the peak RSS by {grown_mib:.0f} MiB"  # 622 MiB at full size
+
+
+def test_json_records_are_strict_and_a_nan_leaves_the_old_file(tmp_path):
+    from diffperc.utils import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "metrics.json", {"abs_rel": 0.25})
+    with pytest.raises(ValueError, match=r"Refusing to write .*metrics\.json: Out of range float values"):
+        atomic_write_json(path, {"abs_rel": float("nan")})
+    assert path.read_text() == '{\n  "abs_rel": 0.25\n}\n' and list(tmp_path.iterdir()) == [path]
