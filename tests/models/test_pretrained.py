@@ -11,7 +11,13 @@ from safetensors.torch import save_file
 
 from diffperc.models.build import widen_input_projection
 from diffperc.models.dit import DiT, sincos_pos_embed
-from diffperc.models.pretrained import drop_sigma, load_pretrained, task_embedding_rows, widen_patch_embedding
+from diffperc.models.pretrained import (
+    drop_sigma,
+    load_pretrained,
+    read_network_state,
+    task_embedding_rows,
+    widen_patch_embedding,
+)
 
 # Tiny stand-in for an official checkpoint: depth 2, width 32, 2 heads, patch 2, 8x8 latents with 4 channels,
 # 10 classes plus the null row (label dropout), learn_sigma.
@@ -337,6 +343,25 @@ def test_load_pretrained_errors_name_file_and_key(tmp_path):
         load_pretrained(DiT(**CFG), tmp_path / "partial.pt")
     report = load_pretrained(DiT(**CFG), tmp_path / "partial.pt", strict=False)
     assert report["missing_keys"] == ["blocks.1.attn.proj.bias"]
+
+
+def test_missing_official_checkpoint_names_the_download_command_once(tmp_path):
+    path = tmp_path / "checkpoints" / "DiT-XL-2-512x512.pt"
+    for read in (lambda: load_pretrained(DiT(**CFG), path), lambda: read_network_state(path)):
+        with pytest.raises(FileNotFoundError) as info:
+            read()
+        # The command puts the file exactly where the config expects it.
+        assert str(info.value) == (
+            f"Checkpoint file not found: {path}; fetch it with "
+            f"`diffperc download DiT-XL/2-512 --out {tmp_path / 'checkpoints'}`"
+        )
+    # Any other missing file: no command to suggest.
+    with pytest.raises(FileNotFoundError) as info:
+        load_pretrained(DiT(**CFG), tmp_path / "runs" / "last.ckpt")
+    assert str(info.value) == f"Checkpoint file not found: {tmp_path / 'runs' / 'last.ckpt'}"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: no weights in it \(a diffusers model folder holds"):
+        load_pretrained(DiT(**CFG), tmp_path / "empty")
 
 
 def test_payload_pickles_by_reference():
