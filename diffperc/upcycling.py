@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from diffperc.export import _carried, _config_or_fail, rebuild_network
 from diffperc.models import moe_config, upcycle
-from diffperc.models.pretrained import network_fields, read_network_state
+from diffperc.models.build import network_from_checkpoint
+from diffperc.models.pretrained import infer_moe_config, read_network_state
 from diffperc.utils import atomic_write_bytes
 
 
@@ -27,26 +27,15 @@ def upcycle_checkpoint(
     """Reads the dense network of ``src`` (EMA weights when present), upcycles it, and writes ``out`` atomically
     as a checkpoint holding ``state_dict`` (keys ``net.*``) and the ``diffperc`` metadata of fine-tuning runs."""
     src, out = Path(src), Path(out)
-    state = read_network_state(src)
-    if any(".mlp.experts." in k for k in state):
+    if infer_moe_config(read_network_state(src)) is not None:
         raise ValueError(f"`--src` {src} is already a mixture of experts")
-    raw = torch.load(src, map_location="cpu", weights_only=True) if src.suffix != ".safetensors" else {}
-    meta = dict(raw.get("diffperc") or {}) if isinstance(raw, dict) else {}
-    hparams = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
-    config = meta.get("dit_config") or _config_or_fail(state, hparams, src, "--src")
-    routes = meta.get("task_routes") or network_fields(state).get("task_routes")
-    dense = rebuild_network(state, config, None, routes, src, "--src")
+    found = network_from_checkpoint(src, "--src")
     torch.manual_seed(seed)  # the router's initialisation
-    moe = upcycle(dense, num_experts, top_k, balance_loss_coef=balance_loss_coef, router_init_std=router_init_std)
+    moe = upcycle(found.net, num_experts, top_k, balance_loss_coef=balance_loss_coef, router_init_std=router_init_std)
     record = {
         "state_dict": {f"net.{k}": v.contiguous() for k, v in moe.state_dict().items()},
-        "diffperc": {
-            "dit_config": dense.config,
-            "moe": moe_config(moe),
-            **_carried({**meta, "task_routes": routes}, hparams),
-            "upcycled_from": str(src),
-        },
-        "hyper_parameters": hparams,
+        "diffperc": {**found.record, "moe": moe_config(moe), "upcycled_from": str(src)},
+        "hyper_parameters": found.hparams,
     }
     import io
 

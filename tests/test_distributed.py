@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffperc.data import PerceptionDataModule, ProceduralDepth
+from diffperc.data import PerceptionDataModule, ProceduralClasses, ProceduralDepth
 from diffperc.data.sampler import ResumableDataLoader, ResumableSampler
-from diffperc.lit import PerceptionFinetuning
-from diffperc.lit.finetuning import Upcycle
+from diffperc.lit import Backbone, DiffusionPretraining, EMASettings, PerceptionFinetuning, SamplingSettings, Upcycle
 from diffperc.lit.parallel import checkpoint_blocks, draw_noise_and_timesteps
 
 from helpers import run_isolated, tiny_finetuning
@@ -48,8 +47,27 @@ def _moe_module() -> PerceptionFinetuning:
     return module
 
 
+def _pretraining_module() -> DiffusionPretraining:
+    """A tiny class-conditional DiT without label dropout or EMA: its only randomness is the training noise."""
+    torch.manual_seed(0)
+    return DiffusionPretraining(
+        backbone=Backbone(name="t1", depth=2, patch_size=2),
+        image_size=16,
+        class_dropout_prob=0.0,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
+        ema=EMASettings(decay=None),
+        sampling=SamplingSettings(num_samples=0, cfg_scale=None),
+    )
+
+
 def _fit(
-    strategy: str, devices: int, out: Path, seed: int = 0, activation_checkpointing: bool = False, moe: bool = False
+    strategy: str,
+    devices: int,
+    out: Path,
+    seed: int = 0,
+    activation_checkpointing: bool = False,
+    moe: bool = False,
+    pretrain: bool = False,
 ) -> None:
     """Trains STEPS steps on a global batch of GLOBAL_BATCH and saves the full weights to ``out`` (rank 0)."""
     from lightning.pytorch import Trainer
@@ -60,7 +78,8 @@ def _fit(
         strategy = ModelParallelStrategy(
             data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False
         )
-    dm = PerceptionDataModule(train=ProceduralDepth("train", 64, 16), batch_size=GLOBAL_BATCH // devices, seed=seed)
+    data = ProceduralClasses("train", 64, 16) if pretrain else ProceduralDepth("train", 64, 16)
+    dm = PerceptionDataModule(train=data, batch_size=GLOBAL_BATCH // devices, seed=seed)
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,
@@ -76,7 +95,8 @@ def _fit(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 cores: one thread per process, and the same kernels in every run
     try:
-        trainer.fit(_moe_module() if moe else _module(activation_checkpointing), datamodule=dm)
+        module = _pretraining_module() if pretrain else _moe_module() if moe else _module(activation_checkpointing)
+        trainer.fit(module, datamodule=dm)
         trainer.save_checkpoint(out)
     finally:
         torch.set_num_threads(threads)
@@ -130,9 +150,22 @@ def single_process_weights(tmp_path_factory) -> dict[str, torch.Tensor]:
 def ddp_runs(tmp_path_factory) -> dict[str, Path]:
     """One 2-process torchrun (start-up is most of its cost) fits the dense DiT, then the MoE with an idle expert."""
     folder = tmp_path_factory.mktemp("ddp")
-    seconds = _torchrun("ddp", folder / "ddp.ckpt", ("--moe-out", str(folder / "ddp_moe.ckpt")))
-    print(f"2-process DDP on CPU, dense then MoE: {seconds:.1f} s for 2 x {STEPS} steps, including start-up")
-    return {"dense": folder / "ddp.ckpt", "moe": folder / "ddp_moe.ckpt"}
+    extra = ("--moe-out", str(folder / "ddp_moe.ckpt"), "--pretrain-out", str(folder / "ddp_pretrain.ckpt"))
+    seconds = _torchrun("ddp", folder / "ddp.ckpt", extra)
+    print(f"2-process DDP on CPU, dense, MoE, pretraining: {seconds:.1f} s for 3 x {STEPS} steps, with start-up")
+    return {"dense": folder / "ddp.ckpt", "moe": folder / "ddp_moe.ckpt", "pretrain": folder / "ddp_pretrain.ckpt"}
+
+
+def test_ddp_pretraining_draws_different_noise_on_each_rank(ddp_runs, tmp_path):
+    # Each rank draws its own rows of the global batch's noise (``training_noise``), so two processes with batch 4
+    # train exactly what one process with batch 8 does. Drawn from the global RNG, seeded alike on every rank, the
+    # two ranks would repeat one noise tensor over different images and land elsewhere (the control below).
+    _fit("auto", 1, tmp_path / "single.ckpt", pretrain=True)
+    _assert_same_weights(_net_state(ddp_runs["pretrain"]), _net_state(tmp_path / "single.ckpt"))
+    x0 = torch.zeros(4, 3, 8, 8)
+    rank0, _ = draw_noise_and_timesteps(x0, 1000, seed=0, step=0, rank=0, world_size=2)
+    rank1, _ = draw_noise_and_timesteps(x0, 1000, seed=0, step=0, rank=1, world_size=2)
+    assert (rank0 - rank1).abs().min() > 0  # no element shared
 
 
 @pytest.mark.slow
@@ -280,12 +313,15 @@ def _main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--moe-out", type=Path, help="then also fit the upcycled tiny DiT whose expert 3 gets no token")
+    parser.add_argument("--pretrain-out", type=Path, help="then also fit a tiny class-conditional pretraining DiT")
     args = parser.parse_args()
     start = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _fit(args.strategy, world, args.out, activation_checkpointing=args.activation_checkpointing)
     if args.moe_out:  # a second Trainer in the same process group
         _fit(args.strategy, world, args.moe_out, moe=True)
+    if args.pretrain_out:
+        _fit(args.strategy, world, args.pretrain_out, pretrain=True)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.strategy}: Trainer.fit + save {time.perf_counter() - start:.2f} s")
 

@@ -5,8 +5,7 @@ import torch
 
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.export import export_checkpoint, load_exported
-from diffperc.lit import PerceptionFinetuning
-from diffperc.lit.finetuning import Upcycle
+from diffperc.lit import PerceptionFinetuning, Upcycle
 from diffperc.upcycling import upcycle_checkpoint
 
 from helpers import quiet_trainer, tiny_finetuning

@@ -31,11 +31,9 @@ class MACsCounter(Callback):
     capacity its compute depends on the routing, so it is measured on every real batch (one extra forward and
     backward per batch).
 
-    The network inputs come from ``pl_module.net_inputs(batch)`` when the module has it (returning ``(x, t, y)``
-    exactly as ``training_step`` passes them to ``pl_module.net``); otherwise they are rebuilt as
-    ``PerceptionFinetuning.training_step`` builds them: ``[encode_conditions(batch), noisy target latent]`` with random
-    timesteps and task ids 0. Random draws happen under a forked RNG, so training is the same with or without the
-    callback.
+    The network inputs come from ``pl_module.net_inputs(batch)`` (``(x, t, y)`` exactly as ``training_step`` passes
+    them to ``pl_module.net``; every ``diffperc.lit.DiffusionModule`` has it). The count runs under a forked RNG, so
+    training is the same with or without the callback.
 
     Logging: after every ``trainer.log_every_n_steps``-th optimisation step k (and after the last one), each logger
     gets ``compute/train_macs`` = MACs of steps 1..k at ``step = k - 1``, the step under which Lightning logs that
@@ -123,10 +121,15 @@ def _unsharded(net: torch.nn.Module) -> torch.nn.Module:
     """A sharded (FSDP) DiT cannot run on the meta device: count an unsharded meta copy of the same layout."""
     if not any(type(m).__name__.startswith(("FSDP", "FullyShardedDataParallel")) for m in net.modules()):
         return net
-    from diffperc.models import DiT
+    from diffperc.models import DiT, moe_config, to_moe
+    from diffperc.models.router import PatchEmbedRouter
 
+    moe, routes = moe_config(net), getattr(net.x_embedder, "in_channels", None)
     with torch.device("meta"):
-        return DiT(**net.config)
+        meta = DiT(**net.config)
+        if isinstance(routes, list):
+            meta.x_embedder = PatchEmbedRouter(routes, meta.patch_size, meta.hidden_size)
+        return to_moe(meta, moe) if moe is not None else meta
 
 
 def _shape_key(batch) -> tuple:
@@ -142,22 +145,9 @@ def _shape_key(batch) -> tuple:
 
 @torch.no_grad()
 def _net_inputs(pl_module: LightningModule, batch) -> tuple:
-    if hasattr(pl_module, "net_inputs"):
-        return tuple(pl_module.net_inputs(batch))
-    if hasattr(pl_module, "encode_conditions"):
-        # PerceptionFinetuning.training_step: [condition latents, noisy target latent] on channels, task id 0.
-        cond = pl_module.encode_conditions(batch)
-        x0 = pl_module.codec.encode(pl_module.task.encode_target(batch))
-        y = torch.zeros(x0.shape[0], dtype=torch.long, device=x0.device)
-    elif isinstance(batch, Mapping) and ("image" in batch or "latent" in batch):
-        # DiffusionPretraining.training_step: the noisy image latent and its class label.
-        cond = None
-        x0 = batch["latent"].float() if "latent" in batch else pl_module.codec.encode(batch["image"])
-        y = batch["label"].long() if "label" in batch else torch.zeros(x0.shape[0], dtype=torch.long)
-    else:
-        raise TypeError(f"MACsCounter: {type(pl_module).__name__} has no `net_inputs(batch)` returning the (x, t, y) "
-                        "its training_step passes to `self.net`; add one")
-    t = torch.randint(0, pl_module.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-    xt = pl_module.noise_scheduler.add_noise(x0, torch.randn_like(x0), t)
-    x = xt if cond is None else torch.cat([cond, xt], dim=1)
-    return x.to(next(pl_module.net.parameters()).dtype), t, y.to(x0.device)
+    if not hasattr(pl_module, "net_inputs"):
+        raise TypeError(
+            f"MACsCounter: {type(pl_module).__name__} has no `net_inputs(batch)` returning the (x, t, y) its "
+            "training_step passes to `self.net`; add one (see diffperc.lit.DiffusionModule)"
+        )
+    return tuple(pl_module.net_inputs(batch))

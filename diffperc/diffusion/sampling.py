@@ -10,6 +10,8 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from diffperc.seeding import derive_seed
+
 REDUCERS = ("median", "mean", "median_compilation")
 
 
@@ -51,7 +53,7 @@ class InferenceSettings:
 
 def _member_generator(seed: int, member: int, stream: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + member) * 7 + stream)
+    g.manual_seed(derive_seed(seed, member, stream=stream))
     return g
 
 
@@ -63,8 +65,10 @@ def sample_ensemble(
     sampler: DDIMScheduler,
     settings: InferenceSettings,
     out_channels: int,
+    cfg_scale: float | None = None,
 ) -> torch.Tensor:
-    """Denoises ``settings.ensemble_size`` target latents per input.
+    """Denoises ``settings.ensemble_size`` target latents per input: the one DDIM loop behind validation, test,
+    predict and the pretraining sample grids.
 
     Args:
         net: The DiT; called as ``net(x, t, y)`` on [cond, noisy target] concatenated on channels.
@@ -73,6 +77,8 @@ def sample_ensemble(
         sampler: A DDIM scheduler; ``set_timesteps`` is called here.
         settings: Steps, ensemble size, eta, seed and chunking.
         out_channels: Channels of the target latent (the network may also output sigma channels; they are dropped).
+        cfg_scale: Classifier-free guidance for class-conditional generation (``cond`` with 0 channels):
+            eps = eps_null + w (eps_class - eps_null) through ``net.forward_with_cfg``; None = the conditional model.
 
     Returns:
         Clean target latents (N, B, out_channels, h, w) for N = ``settings.ensemble_size`` members.
@@ -93,7 +99,11 @@ def sample_ensemble(
         y_rep = y.repeat(len(members))
         for t in sampler.timesteps:
             t_batch = t.expand(latents.shape[0]).to(device)
-            model_out = net(torch.cat([cond_rep, latents], dim=1), t_batch, y_rep)[:, :out_channels]
+            x = torch.cat([cond_rep, latents], dim=1)
+            if cfg_scale is None:
+                model_out = net(x, t_batch, y_rep)[:, :out_channels]
+            else:
+                model_out = net.forward_with_cfg(x, t_batch, y_rep, cfg_scale)[:, :out_channels]
             variance_noise = None
             if settings.eta > 0:
                 variance_noise = torch.cat(

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from diffperc.seeding import derive_seed
+
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     forward = type(self).forward.__get__(self)  # the class's forward (FSDP2 subclasses the module's class)
@@ -90,7 +92,13 @@ def apply_fsdp2(
 
 
 def draw_noise_and_timesteps(
-    x0: torch.Tensor, num_timesteps: int, seed: int, step: int, rank: int = 0, world_size: int = 1
+    x0: torch.Tensor,
+    num_timesteps: int,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    world_size: int = 1,
+    task_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training noise and timesteps for this process's share of a global batch, seeded by ``(seed, step)``.
 
@@ -107,13 +115,14 @@ def draw_noise_and_timesteps(
         step: A counter that differs between batches and survives resume (e.g. ``trainer.fit_loop.total_batch_idx``).
         rank: Data-parallel rank.
         world_size: Data-parallel world size.
+        task_id: A generalist's task, drawn from its own generator; None for a single-task or pretraining model.
 
     Returns:
         ``noise`` like ``x0`` and ``t`` (N,) int64, both on ``x0``'s device.
     """
     n = x0.shape[0]
     g = torch.Generator(device=x0.device)
-    g.manual_seed((seed * 1_000_003 + step) % (2**63))
+    g.manual_seed(derive_seed(seed, step) if task_id is None else derive_seed(seed, step, task_id))
     t = torch.randint(0, num_timesteps, (n * world_size,), generator=g, device=x0.device)[rank::world_size]
     noise = torch.randn((n * world_size, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype)
     return noise[rank::world_size].contiguous(), t.contiguous()

@@ -4,7 +4,6 @@ To run: ``diffperc fit --config configs/quickstart/pretrain.yaml``; then fine-tu
 ``diffperc fit --config configs/quickstart/depth.yaml --model.init_args.init_from <run>/checkpoints/last.ckpt``.
 """
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,44 +11,18 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from diffperc.codecs import Codec, PixelCodec
-from diffperc.diffusion import DiffusionSettings, make_sampler, make_train_scheduler, training_target
-from diffperc.lit.finetuning import Backbone
+from diffperc.codecs import Codec
+from diffperc.diffusion import DiffusionSettings, InferenceSettings, sample_ensemble, training_target
+from diffperc.lit.base import DiffusionModule, EMASettings, settings
 from diffperc.models import moe_config
+from diffperc.models.build import Backbone, build_network
+from diffperc.seeding import derive_seed
 from diffperc.utils import atomic_write_bytes
 
-
-@dataclass
-class EMASettings:
-    """Exponential moving average of the weights, kept by Lightning's ``EMAWeightAveraging`` callback.
-
-    The average is what validation and sample grids use and what checkpoints hold under ``state_dict`` (the live
-    weights go to ``current_model_state``), so ``init_from`` loads it. At the end of fit the callback copies the
-    average into the live model, so a checkpoint written only then (``ModelCheckpoint`` without
-    ``every_n_train_steps``) holds the average in both places.
-
-    Args:
-        decay: Weight of the old average per update (DiT: 0.9999); None turns the EMA off.
-        update_every_n_steps: Update the average every this many optimizer steps.
-        start_step: First optimizer step (0-based) that updates the average; None = from the first step.
-        cpu: Keep the average on the CPU (saves accelerator memory, costs a copy per update).
-    """
-
-    decay: float | None = 0.9999
-    update_every_n_steps: int = 1
-    start_step: int | None = None
-    cpu: bool = False
-
-    def __post_init__(self):
-        if self.decay is not None and not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"`--model.ema.decay` must be in [0, 1) or null, got {self.decay}")
-        if self.update_every_n_steps < 1:
-            raise ValueError(f"`--model.ema.update_every_n_steps` must be >= 1, got {self.update_every_n_steps}")
+__all__ = ["DiffusionPretraining", "EMASettings", "SamplingSettings"]
 
 
 @dataclass
@@ -87,20 +60,7 @@ class SamplingSettings:
             raise ValueError(f"`--model.sampling.eta` must be >= 0, got {self.eta}")
 
 
-def _plain(value):
-    """A hyperparameter as plain containers and scalars, so ``torch.load(weights_only=True)`` reads checkpoints."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return f"{type(value).__module__}.{type(value).__qualname__}"
-
-
-class DiffusionPretraining(LightningModule):
+class DiffusionPretraining(DiffusionModule):
     """Trains a class-conditional DiT to predict the noise added to image latents, with label dropout for CFG.
 
     Batches hold ``label`` (N,) and either ``image`` (N, 3, H, W) in [-1, 1], encoded here by the frozen codec, or
@@ -120,6 +80,9 @@ class DiffusionPretraining(LightningModule):
         ema: EMA of the weights.
         sampling: The sample grid drawn at each validation.
         val_seed: Seed of the validation noise and timesteps, so validation losses are comparable across steps.
+        noise_seed: Seed of the training noise and timesteps, drawn per batch for this process's rows of the global
+            batch: every data-parallel rank draws different noise, and a resumed run draws what it would have.
+        activation_checkpointing: Recompute each DiT block's activations in backward (less memory, ~1/3 more compute).
     """
 
     def __init__(
@@ -136,23 +99,17 @@ class DiffusionPretraining(LightningModule):
         ema: EMASettings | None = None,
         sampling: SamplingSettings | None = None,
         val_seed: int = 0,
+        noise_seed: int = 0,
+        activation_checkpointing: bool = False,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["codec", "optimizer", "lr_scheduler"])
-        for key in list(self.hparams):
-            self.hparams[key] = _plain(self.hparams[key])
-        self.codec = codec if codec is not None else PixelCodec()
-        self.backbone = _settings(Backbone, backbone)
-        self.diffusion = _settings(DiffusionSettings, diffusion)
-        self.ema = _settings(EMASettings, ema)
-        self.sampling = _settings(SamplingSettings, sampling)
-        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        super().__init__(
+            codec, image_size, optimizer, lr_scheduler, diffusion, settings(EMASettings, ema), noise_seed,
+            activation_checkpointing,
+        )
+        self.save_plain_hyperparameters(ignore=["codec", "optimizer", "lr_scheduler"])
+        self.backbone = settings(Backbone, backbone)
+        self.sampling = settings(SamplingSettings, sampling)
         self.num_classes, self.val_seed = num_classes, val_seed
-        if image_size % self.codec.downsample:
-            raise ValueError(
-                f"`--model.image_size`={image_size} must be a multiple of the codec's downsample factor "
-                f"{self.codec.downsample}"
-            )
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"`--model.class_dropout_prob` must be in [0, 1), got {class_dropout_prob}")
         if self.sampling.cfg_scale is not None and class_dropout_prob == 0:
@@ -164,26 +121,16 @@ class DiffusionPretraining(LightningModule):
         if bad:
             raise ValueError(f"`--model.sampling.labels` {bad} are not classes of `--model.num_classes`={num_classes}")
 
-        # 1. The network: a preset DiT (or DiT-MoE) over one latent, with a label table of num_classes + null.
-        self.latent_channels = self.codec.latent_channels
-        self.net = self.backbone.build(
+        # A preset DiT (or DiT-MoE) over one latent, with a label table of num_classes + null (models/build.py).
+        self.net = build_network(
+            self.backbone,
             input_size=image_size // self.codec.downsample,
             in_channels=self.latent_channels,
             num_classes=num_classes,
             class_dropout_prob=class_dropout_prob,
+            init_from=init_from,
         )
-        if init_from:
-            from diffperc.models.pretrained import load_pretrained
-
-            load_pretrained(self.net, init_from)
-        self.is_moe = _has_moe(self.net)
-
-        # 2. DDPM forward process for training; a DDIM sampler over the same betas for the sample grids.
-        self.noise_scheduler = make_train_scheduler(self.diffusion)
-        s = self.sampling
-        self.sampler = make_sampler(
-            self.noise_scheduler, s.timestep_spacing, self.codec.clip_sample if s.clip_sample is None else s.clip_sample
-        )
+        self.sampler = self.make_sampler(self.sampling.timestep_spacing, self.sampling.clip_sample)
         self.sample_grid: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ training
@@ -199,41 +146,49 @@ class DiffusionPretraining(LightningModule):
             raise KeyError(f"A pretraining batch needs class labels under `label`, got keys {sorted(batch)}")
         return batch["label"].long()
 
-    def diffusion_loss(
-        self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """MSE of the network's prediction for latents ``x0`` (N, C, h, w) noised at uniform timesteps (eq. 2).
+    def _noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.noise_scheduler.add_noise(x0, noise, t)  # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
 
-        Label dropout happens inside the DiT while it is in training mode.
+    def diffusion_loss(
+        self,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MSE of the network's prediction for latents ``x0`` (N, C, h, w) noised at timesteps t (eq. 2).
+
+        ``noise`` and ``t`` default to draws from ``generator`` (the global RNG when None): noise ~ N(0, I),
+        t ~ U{0, T - 1}. Label dropout happens inside the DiT while it is in training mode; sigma outputs are ignored.
         """
-        # 1. Noise at t ~ U{0, T - 1}: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM eq. 4).
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device
-        )
-        xt = self.noise_scheduler.add_noise(x0, noise, t)
-        # 2. Regress the configured target (the noise for epsilon prediction); sigma outputs, if any, are ignored.
-        out = self.net(xt, t, y)[:, : self.latent_channels]
+        if noise is None or t is None:
+            steps = self.noise_scheduler.config.num_train_timesteps
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
+        out = self.net(self._noised(x0, noise, t), t, y)[:, : self.latent_channels]
         return F.mse_loss(out.float(), training_target(self.noise_scheduler, x0, noise, t).float())
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x0, y = self._latents(batch), self._labels(batch)
-        mse = self.diffusion_loss(x0, y)
-        loss = mse
-        if self.is_moe:
-            from diffperc.models.moe import moe_aux_loss
+    def net_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x0 = self._latents(batch)
+        noise, t = self.training_noise(x0)
+        return self._noised(x0, noise, t), t, self._labels(batch)
 
-            balance = moe_aux_loss(self.net)  # already scaled by each SparseMoE's balance_loss_coef
-            loss = mse + balance
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Noise and t ~ U{0, T - 1} from (noise_seed, batch counter) for this rank's rows of the global batch.
+        x0, y = self._latents(batch), self._labels(batch)
+        noise, t = self.training_noise(x0)
+        mse = self.diffusion_loss(x0, y, noise=noise, t=t)
+        loss = self.with_aux_loss(mse, x0.shape[0])
+        if self.is_moe:
             self.log("train/mse", mse, batch_size=x0.shape[0])
-            self.log("train/balance_loss", balance, batch_size=x0.shape[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Fixed noise and timesteps per batch, so the (EMA) validation loss is comparable across steps.
         x0, y = self._latents(batch), self._labels(batch)
-        generator = torch.Generator(device=x0.device).manual_seed(self.val_seed * 1_000_003 + batch_idx)
+        generator = torch.Generator(device=x0.device).manual_seed(derive_seed(self.val_seed, batch_idx))
         loss = self.diffusion_loss(x0, y, generator)
         self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
 
@@ -273,33 +228,28 @@ class DiffusionPretraining(LightningModule):
     ) -> torch.Tensor:
         """DDIM-samples latents (N, C, h, w) of classes ``labels`` (N,); arguments default to ``self.sampling``.
 
-        ``cfg_scale`` None runs the conditional model alone; a number runs ``DiT.forward_with_cfg``.
+        The fine-tuning sampler (``sample_ensemble``) with no condition latents and one member; ``cfg_scale`` None
+        runs the conditional model alone, a number runs ``DiT.forward_with_cfg``.
         """
         s = self.sampling
-        num_steps = num_steps or s.num_steps
-        seed = s.seed if seed is None else seed
-        eta = s.eta if eta is None else eta
         side = self.net.input_size
-        device = self.device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        x = torch.randn((labels.shape[0], self.latent_channels, side, side), generator=generator, device=device)
-        x = x * self.sampler.init_noise_sigma
+        run = InferenceSettings(
+            num_steps=num_steps or s.num_steps,
+            timestep_spacing=s.timestep_spacing,
+            eta=s.eta if eta is None else eta,
+            seed=s.seed if seed is None else seed,
+            max_batch=max(1, labels.shape[0]),
+        )
+        no_condition = torch.zeros((labels.shape[0], 0, side, side), device=self.device)
         was_training = self.net.training
         self.net.eval()  # eval mode: no label dropout while sampling
         try:
-            self.sampler.set_timesteps(num_steps, device=device)
-            for t in self.sampler.timesteps:
-                t_batch = t.expand(x.shape[0]).to(device)
-                if cfg_scale is None:
-                    out = self.net(x, t_batch, labels)
-                else:
-                    out = self.net.forward_with_cfg(x, t_batch, labels, cfg_scale)
-                x = self.sampler.step(
-                    out[:, : self.latent_channels].float(), t, x, eta=eta, generator=generator
-                ).prev_sample
+            latents = sample_ensemble(
+                self.net, no_condition, labels, self.sampler, run, self.latent_channels, cfg_scale
+            )
         finally:
             self.net.train(was_training)
-        return x
+        return latents[0]
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -307,32 +257,6 @@ class DiffusionPretraining(LightningModule):
         ``sampling.cfg_scale``)."""
         kwargs.setdefault("cfg_scale", self.sampling.cfg_scale)
         return self.codec.decode(self.sample_latents(labels, **kwargs)).clamp(-1, 1)
-
-    # --------------------------------------------------------------- optimisation
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_callbacks(self):
-        from diffperc.callbacks import MACsCounter
-
-        # Every fit counts its training MACs (train_macs.json, `compute/train_macs`): the x-axis of Fig. 2.
-        present = {type(cb) for cb in self.trainer.callbacks} if self._trainer is not None else set()
-        callbacks = [] if MACsCounter in present else [MACsCounter()]
-        if self.ema.decay is None:
-            return callbacks
-        # Returned here so the recipe always has its EMA; it replaces an EMAWeightAveraging given in the config.
-        return callbacks + [
-            EMAWeightAveraging(
-                device="cpu" if self.ema.cpu else None,
-                decay=self.ema.decay,
-                update_every_n_steps=self.ema.update_every_n_steps,
-                update_starting_at_step=self.ema.start_step,
-            )
-        ]
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -351,21 +275,6 @@ class DiffusionPretraining(LightningModule):
         for key in ("state_dict", "current_model_state"):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint[key] = {**codec_state, **checkpoint[key]}
-
-
-def _settings(cls: type, value):
-    """A settings dataclass from itself, None (the defaults) or a dict (hyperparameters read back from a checkpoint)."""
-    if value is None:
-        return cls()
-    return cls(**value) if isinstance(value, dict) else value
-
-
-def _has_moe(net: torch.nn.Module) -> bool:
-    try:
-        from diffperc.models.moe import SparseMoE
-    except ImportError:
-        return False
-    return any(isinstance(m, SparseMoE) for m in net.modules())
 
 
 def _grid(images: torch.Tensor, columns: int, pad: int = 2) -> torch.Tensor:

@@ -31,8 +31,10 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeds ``x`` (N, C, H, W) -> (N, T, D). ``task_ids`` is unused: the call signature of
+        ``PatchEmbedRouter``, which embeds each sample with its task's projection."""
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class TimestepEmbedder(nn.Module):
@@ -288,8 +290,7 @@ class DiT(nn.Module):
         """Predicts noise (and sigma) for latents ``x`` (N, C, H, W) at timesteps ``t`` (N,) with labels ``y`` (N,)."""
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         # A task router (models/router.py) embeds each sample with its task's projection; y holds the task ids.
-        tokens = self.x_embedder(x, y) if getattr(self.x_embedder, "routes", None) is not None else self.x_embedder(x)
-        x = tokens + self._pos_embed_for(h, w, x)  # (N, T, D), where T = H * W / patch_size ** 2
+        x = self.x_embedder(x, y) + self._pos_embed_for(h, w, x)  # (N, T, D), where T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)

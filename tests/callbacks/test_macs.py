@@ -8,8 +8,7 @@ from diffperc.callbacks import macs as macs_module
 from diffperc.callbacks.macs import MACsCounter
 from diffperc.compute import count_train_macs
 from diffperc.data import PerceptionDataModule, ProceduralDepth
-from diffperc.lit import Backbone, PerceptionFinetuning
-from diffperc.lit.finetuning import Upcycle
+from diffperc.lit import Backbone, PerceptionFinetuning, Upcycle
 
 from helpers import quiet_trainer, tiny_finetuning
 
@@ -146,6 +145,7 @@ def test_macs_counter_logs_test_macs_reported_by_the_module(tmp_path):
 
 def test_macs_counter_counts_pretraining_steps(tmp_path):
     from diffperc.data.procedural_classes import ProceduralClasses
+
     from diffperc.lit.pretraining import DiffusionPretraining
 
     module = DiffusionPretraining(backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=4),

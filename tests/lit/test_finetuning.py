@@ -10,8 +10,7 @@ from lightning.pytorch import Callback
 from diffperc.cli import DiffpercCLI
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.diffusion import InferenceSettings
-from diffperc.lit import PerceptionFinetuning
-from diffperc.lit.finetuning import Backbone, Upcycle
+from diffperc.lit import Backbone, PerceptionFinetuning, Upcycle
 
 from helpers import quiet_trainer, tiny_finetuning
 

@@ -6,14 +6,13 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
+from diffperc.data.procedural_classes import ProceduralClasses
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from diffperc.data import ProceduralDepth
-from diffperc.data.procedural_classes import ProceduralClasses
-from diffperc.lit.finetuning import Backbone, PerceptionFinetuning, Upcycle
-from diffperc.lit.pretraining import DiffusionPretraining, EMASettings, SamplingSettings
+from diffperc.lit import Backbone, DiffusionPretraining, EMASettings, PerceptionFinetuning, SamplingSettings, Upcycle
 from diffperc.models import DiT, build_model, parameter_counts
 from diffperc.models.pretrained import load_pretrained
 from diffperc.tasks import DepthTask
@@ -163,14 +162,14 @@ def test_pretraining_adds_the_moe_balance_loss():
     module = _module()
     _randomize(module.net)
     module.net = upcycle(module.net, num_experts=4, top_k=2)
-    module.is_moe = True
     batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.tensor([1, 2, 3, 4])}
     module.train()
-    torch.manual_seed(3)
+    torch.manual_seed(3)  # the label dropout
     loss = module.training_step(batch, 0)
     aux = moe_aux_loss(module.net)
     torch.manual_seed(3)
-    mse = module.diffusion_loss(batch["image"], batch["label"])
+    noise, t = module.training_noise(batch["image"])  # drawn from (noise_seed, batch counter): the same again
+    mse = module.diffusion_loss(batch["image"], batch["label"], noise=noise, t=t)
     assert aux.item() > 0
     torch.testing.assert_close(loss, mse + aux)
 
