@@ -6,7 +6,6 @@ To run: ``diffperc laws plan --train-report runs/sweeps/tiny/model_size --tts-re
 
 import argparse
 import csv
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 from scipy import stats
 
 from diffperc.scaling.fit import PowerLawFit, fit_power_law
+from diffperc.scaling.results import read_results
 
 __all__ = ["Candidate", "Plan", "load_rows", "main", "plan"]
 
@@ -85,15 +85,7 @@ def load_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     results = path / "results.jsonl"
     if results.is_file():
-        by_point = {}
-        for line in results.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line
-            if isinstance(row, dict) and "point" in row:
-                by_point[row["point"]] = row
-        return [r for r in by_point.values() if r.get("status", "ok") == "ok"]
+        return [r for r in read_results(results).values() if r.get("status", "ok") == "ok"]
     for csv_path in (path / "rows.csv", path / "report" / "rows.csv"):
         if csv_path.is_file():
             with open(csv_path, newline="") as f:

@@ -3,35 +3,13 @@
 plot_fit(train_macs, val_loss, fit, "out/loss.png", xlabel="training MACs", ylabel="val loss")
 """
 
-import contextlib
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from diffperc.scaling.fit import PowerLawFit
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; on success it is renamed onto ``path``, on error it is removed.
-
-    Readers never see a half-written file because ``os.replace`` within one directory is atomic.
-
-    Args:
-        path: The final file path; its parent folder is created if needed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a plain new file (not mkstemp) so the result gets the usual umask permissions, not 0600
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from diffperc.utils import atomic_write
 
 
 def plot_fit(
@@ -81,6 +59,4 @@ def plot_fit(
     fig.tight_layout()
 
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")  # explicit format: the temporary name does not end in .png
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))

@@ -1,9 +1,11 @@
 """Sweep report: power-law fits of chosen metrics against compute, as ``report.md`` + one PNG per fit + ``rows.csv``.
 
 write_report(rows, [("train_macs", "val/depth/abs_rel", False)], "runs/sweep/report")
+report(load_sweep("sweeps/tiny/model_size.yaml"), "runs/sweeps/tiny/model_size")   # a sweep's fits, per group too
 """
 
 import csv
+import io
 import math
 import os
 import re
@@ -12,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffperc.scaling.fit import PowerLawFit, fit_power_law
-from diffperc.scaling.plots import atomic_path, plot_fit
+from diffperc.scaling.plots import plot_fit
+from diffperc.scaling.results import collect, failed_rows
+from diffperc.scaling.spec import Sweep, normalize_key, slug
+from diffperc.utils import atomic_write_text, is_number
 
 
 @dataclass
@@ -63,7 +68,7 @@ def write_report(
         x_key, y_key, offset = spec
         result = _fit_one(rows, x_key, y_key, bool(offset))
         if result.fit is not None:
-            result.png = f"fit_{i:02d}_{_slug(y_key)}_vs_{_slug(x_key)}{'_offset' if offset else ''}.png"
+            result.png = f"fit_{i:02d}_{_file_slug(y_key)}_vs_{_file_slug(x_key)}{'_offset' if offset else ''}.png"
             plot_fit(
                 result.x,
                 result.y,
@@ -75,9 +80,30 @@ def write_report(
             )
         results.append(result)
     _write_csv(rows, out_dir / "rows.csv")
-    path = out_dir / "report.md"
-    with atomic_path(path) as tmp:
-        tmp.write_text(_markdown(rows, results, failed), encoding="utf-8")
+    return atomic_write_text(out_dir / "report.md", _markdown(rows, results, failed))
+
+
+def report(sweep: Sweep, out: str | os.PathLike, upstream_dir: str | os.PathLike | None = None, echo=print) -> Path:
+    """Fits ``sweep.metrics`` against ``sweep.x`` over the ok rows and writes ``<out>/report/report.md`` (and one
+    report per group under ``<out>/report/<group>/`` with ``group_by``), listing the failed points first."""
+    out = Path(out)
+    rows = [{k: v for k, v in r.items() if k != "overrides"} for r in collect(sweep, out, upstream_dir, echo)]
+    failed = failed_rows(sweep, out, upstream_dir)
+    x = normalize_key(sweep.x)
+    metrics = [normalize_key(m) for m in sweep.metrics] or sorted(
+        {k for r in rows for k in r if k.startswith("test/") and is_number(r[k])}
+    )
+    specs = [(x, m, sweep.offset) for m in metrics]
+    path = write_report(rows, specs, out / "report", failed=failed)
+    groups = [normalize_key(g) for g in sweep.group_by]
+    if groups:
+        by_group: dict[tuple, list] = {}
+        for r in rows:
+            by_group.setdefault(tuple(r.get(g) for g in groups), []).append(r)
+        for values, group_rows in by_group.items():
+            label = "_".join(f"{g.split('.')[-1]}-{slug(v)}" for g, v in zip(groups, values, strict=True))
+            write_report(group_rows, specs, out / "report" / label)
+    echo(f"report: {path}")
     return path
 
 
@@ -121,16 +147,18 @@ def _fit_one(rows: Sequence[Mapping[str, object]], x_key: str, y_key: str, offse
     return result
 
 
-def _slug(key: str) -> str:
+def _file_slug(key: str) -> str:
+    """A row key as part of a PNG name: readable (``test_depth_abs_rel``), unlike the shorter point-id ``slug``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_") or "value"
 
 
 def _write_csv(rows: Sequence[Mapping[str, object]], path: Path) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))  # union of keys, in order of first appearance
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def _num(value: float | None) -> str:

@@ -15,8 +15,11 @@ import numpy as np
 from scipy import stats
 
 from diffperc.scaling.fit import fit_power_law
-from diffperc.scaling.sweep import collect, load_sweep, report, run_local
-from diffperc.utils import atomic_write_bytes
+from diffperc.scaling.launch import run_local
+from diffperc.scaling.report import report
+from diffperc.scaling.results import collect
+from diffperc.scaling.spec import load_sweep
+from diffperc.utils import atomic_write_text
 
 __all__ = ["CLAIMS", "Claim", "Verdict", "judge_cosine", "judge_decreasing", "judge_upcycling", "main"]
 
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
         results.append((claim, per_metric, verdict, note, time.perf_counter() - claim_start))
         print(f"claim {claim.number} ({claim.sweep}): {verdict}")
     path = out / "report.md"
-    atomic_write_bytes(path, _markdown(results, time.perf_counter() - start).encode())
+    atomic_write_text(path, _markdown(results, time.perf_counter() - start))
     print(f"report: {path}")
     return path
 

@@ -175,7 +175,8 @@ if args[0] == "fit":
     (run / "train_macs.json").write_text(json.dumps({{"compute/train_macs": 1000, "global_step": 3}}))
 else:
     (run / "test_metrics.json").write_text(json.dumps({{"task": "depth", "abs_rel": 0.25, "baseline/abs_rel": 0.5,
-        "compute/test_macs_per_sample": 77, "inference": {{"num_steps": 2, "ensemble_size": 3}}}}))
+        "compute/test_macs_per_sample": 77, "inference": {{"num_steps": 2, "ensemble_size": 3}},
+        "metrics": {{"test/depth/abs_rel": 0.25, "baseline/depth/abs_rel": 0.5, "compute/test_macs_per_sample": 77}}}}))
 """
 
 
@@ -265,8 +266,18 @@ def test_slurm_launcher_writes_array_scripts_and_submits_in_order(tmp_path, monk
                          "from": {"base": [str(QUICKSTART)]}, "slurm": {"time": "01:00:00", "setup": ["echo hi"]}})
     up_script, script = write_slurm(sweep, tmp_path / "out", submit=True, echo=lambda *_: None)
     text = script.read_text()
-    assert "#SBATCH --array=0-2" in text and "#SBATCH --time=01:00:00" in text and "\necho hi\n" in text
+    assert "#SBATCH --array=0-2" in text and "#SBATCH --time=01:00:00" in text
+    # Requeued 3 minutes before the time limit, as configs/slurm/example.sbatch; the venv's `diffperc` on PATH.
+    lines = text.splitlines()
+    assert {"#SBATCH --signal=SIGUSR1@180", "#SBATCH --requeue"} <= set(lines)
+    assert lines[lines.index("set -euo pipefail") + 2: lines.index("set -euo pipefail") + 4] == [
+        "source .venv/bin/activate", "echo hi"]
     assert text.count("    srun diffperc fit ") == 3 and text.count("    srun diffperc test ") == 3
+    # Each srun line parses, its pre-emption checkpoint going to the point's own folder.
+    fit_line = next(line for line in lines if line.startswith("    srun diffperc fit "))
+    cfg = _parse(_config_args(shlex.split(fit_line)[2:]))
+    point = expand(sweep, tmp_path / "out")[1][0]
+    assert cfg["trainer.default_root_dir"] == str(point.run_dir) and cfg["trainer.max_steps"] == 1
     assert "#SBATCH --array=0-0" in up_script.read_text()
     assert log.read_text().splitlines() == [f"--parsable {up_script}", f"--parsable --dependency=afterok:41 {script}"]
 
