@@ -1,4 +1,5 @@
-"""Builders shared by the tests: a tiny fine-tuning module, a quiet CPU Trainer and an isolated subprocess runner.
+"""Builders shared by the tests: the tiny DiT (as a network, a backbone or a fine-tuning module), a quiet CPU
+Trainer and an isolated subprocess runner.
 
 Importable as ``helpers`` from any test (pytest puts ``tests/`` on ``sys.path`` through its conftest).
 """
@@ -15,7 +16,31 @@ from lightning.pytorch import Trainer
 from diffperc.codecs import PixelCodec
 from diffperc.diffusion import DiffusionSettings, InferenceSettings
 from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.models import DiT
 from diffperc.tasks import DepthTask
+
+#: The tests' DiT shape: a t1-width network (32 wide, 2 heads), one block, patch 2.
+TINY = dict(hidden_size=32, depth=1, num_heads=2, patch_size=2)
+
+
+def tiny_backbone(name: str = "t1", **overrides) -> Backbone:
+    """The tiny DiT as a ``Backbone`` (``name`` may carry an MoE suffix, e.g. ``t1-4E2A``)."""
+    return Backbone(name=name, **{**TINY, **overrides})
+
+
+def tiny_dit(input_size: int = 8, in_channels: int = 3, num_classes: int = 3, randomize: float | None = None,
+             **overrides) -> DiT:
+    """The tiny DiT as a network (no label dropout, no sigma outputs); ``randomize`` replaces every trainable
+    weight by N(0, randomize^2) draws, so zero-initialised layers (adaLN-Zero, the output) do not hide errors."""
+    kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes, class_dropout_prob=0.0,
+                  learn_sigma=False)
+    model = DiT(**{**kwargs, **TINY, **overrides})
+    if randomize is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, randomize)
+    return model
 
 
 def tiny_finetuning(task=None, *, depth: int = 1, patch_size: int = 2, lr: float = 1e-3, cls=PerceptionFinetuning,
@@ -25,7 +50,7 @@ def tiny_finetuning(task=None, *, depth: int = 1, patch_size: int = 2, lr: float
     return cls(
         task=DepthTask(min_depth=0.1, max_depth=30.0) if task is None else task,
         codec=PixelCodec(),
-        backbone=Backbone(name="t1", hidden_size=32, depth=depth, num_heads=2, patch_size=patch_size),
+        backbone=tiny_backbone(depth=depth, patch_size=patch_size),
         image_size=16,
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
         diffusion=DiffusionSettings(prediction_type="v_prediction"),

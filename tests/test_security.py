@@ -17,10 +17,10 @@ from lightning.pytorch import Trainer
 from diffperc.checkpoint_io import AtomicCheckpointIO
 from diffperc.cli import DiffpercCLI
 from diffperc.export import export_checkpoint
-from diffperc.lit import Backbone, PerceptionFinetuning
+from diffperc.lit import PerceptionFinetuning
 from diffperc.tasks import DepthTask
 
-from helpers import tiny_finetuning
+from helpers import tiny_backbone, tiny_finetuning
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "diffperc"
@@ -119,7 +119,7 @@ def test_init_from_malicious_checkpoint_is_refused(evil):
     path, marker = evil
     with pytest.raises(ValueError, match=r"evil\.ckpt: torch\.load\(weights_only=True\) could not read it"):
         PerceptionFinetuning(task=DepthTask(), image_size=16, init_from=str(path),
-                             backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=2))
+                             backbone=tiny_backbone())
     assert not marker.exists()
 
 

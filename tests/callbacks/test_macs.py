@@ -8,9 +8,9 @@ from diffperc.callbacks import macs as macs_module
 from diffperc.callbacks.macs import MACsCounter
 from diffperc.compute import count_train_macs
 from diffperc.data import PerceptionDataModule, ProceduralDepth
-from diffperc.lit import Backbone, PerceptionFinetuning, Upcycle
+from diffperc.lit import PerceptionFinetuning, Upcycle
 
-from helpers import quiet_trainer, tiny_finetuning
+from helpers import quiet_trainer, tiny_backbone, tiny_finetuning
 
 
 def _tiny_module(**kw) -> PerceptionFinetuning:
@@ -145,10 +145,9 @@ def test_macs_counter_logs_test_macs_reported_by_the_module(tmp_path):
 
 def test_macs_counter_counts_pretraining_steps(tmp_path):
     from diffperc.data.procedural_classes import ProceduralClasses
-
     from diffperc.lit.pretraining import DiffusionPretraining
 
-    module = DiffusionPretraining(backbone=Backbone(name="t1", hidden_size=32, depth=1, num_heads=2, patch_size=4),
+    module = DiffusionPretraining(backbone=tiny_backbone(patch_size=4),
                                   image_size=16, num_classes=10)
     x, t = torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)  # the noisy image and its class label
     per_step = count_train_macs(module.net, x, t, t)

@@ -4,23 +4,11 @@ import torch
 from diffperc.diffusion import DiffusionSettings, InferenceSettings, make_sampler, make_train_scheduler, sample_ensemble
 from diffperc.models import DiT, widen_input_projection
 
+from helpers import tiny_dit
+
 
 def _net() -> DiT:
-    model = DiT(
-        input_size=8,
-        patch_size=2,
-        in_channels=3,
-        hidden_size=32,
-        depth=1,
-        num_heads=2,
-        num_classes=1,
-        class_dropout_prob=0.0,
-        learn_sigma=False,
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    model = tiny_dit(num_classes=1, randomize=0.05)
     return widen_input_projection(model, 2).eval()
 
 

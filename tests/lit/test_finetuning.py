@@ -10,9 +10,9 @@ from lightning.pytorch import Callback
 from diffperc.cli import DiffpercCLI
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.diffusion import InferenceSettings
-from diffperc.lit import Backbone, PerceptionFinetuning, Upcycle
+from diffperc.lit import PerceptionFinetuning, Upcycle
 
-from helpers import quiet_trainer, tiny_finetuning
+from helpers import quiet_trainer, tiny_backbone, tiny_finetuning
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "depth.yaml"
 TINY_ARGS = [
@@ -184,7 +184,7 @@ def test_init_from_an_moe_file_without_records_needs_top_k_from_the_flags(tmp_pa
     with pytest.raises(ValueError, match="is a dense network but `--model.backbone.name` t1-4E2A"):
         PerceptionFinetuning(
             task=source.task,
-            backbone=Backbone(name="t1-4E2A", hidden_size=32, depth=2, num_heads=2, patch_size=2),
+            backbone=tiny_backbone("t1-4E2A", depth=2),
             image_size=16,
             init_from=str(dense),
         )

@@ -6,20 +6,21 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-from diffperc.data.procedural_classes import ProceduralClasses
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from diffperc.data import ProceduralDepth
+from diffperc.data.procedural_classes import ProceduralClasses
 from diffperc.lit import Backbone, DiffusionPretraining, EMASettings, PerceptionFinetuning, SamplingSettings, Upcycle
 from diffperc.models import DiT, build_model, parameter_counts
 from diffperc.models.pretrained import load_pretrained
 from diffperc.tasks import DepthTask
 
-from helpers import quiet_trainer, tiny_vae
+from helpers import TINY as HELPER_TINY
+from helpers import quiet_trainer, tiny_backbone, tiny_vae
 
-TINY = dict(name="t1", patch_size=4, hidden_size=32, depth=1, num_heads=2)
+TINY = dict(name="t1", **{**HELPER_TINY, "patch_size": 4})
 DECAY = 0.5
 
 
@@ -191,7 +192,7 @@ def test_pretraining_checkpoint_leaves_out_the_vae_and_resumes(tmp_path):
         module = DiffusionPretraining(
             codec=VAECodec(str(tmp_path / "vae")),
             image_size=16,
-            backbone=Backbone("t1", patch_size=2, hidden_size=32, depth=1, num_heads=2),
+            backbone=tiny_backbone(),
             ema=EMASettings(decay=0.9),
         )
         trainer = quiet_trainer(

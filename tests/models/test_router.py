@@ -3,15 +3,11 @@ import torch
 from diffperc.models import DiT
 from diffperc.models.router import PatchEmbedRouter
 
+from helpers import tiny_dit
+
 
 def _dit() -> DiT:
-    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=3,
-                class_dropout_prob=0.0, learn_sigma=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    return model.eval()
+    return tiny_dit(randomize=0.1).eval()
 
 
 def test_router_routes_are_widened_copies_of_the_pretrained_projection():

@@ -10,6 +10,8 @@ import torch
 from diffperc.metrics.amodal import MaskIoU
 from diffperc.tasks.amodal import AmodalTask
 
+from helpers import tiny_backbone
+
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 needs_fixtures = pytest.mark.skipif(not (FIXTURES / "Pix2Gestalt_small").is_dir(),
                                     reason=f"shared fixtures not found at {FIXTURES}")
@@ -101,13 +103,13 @@ def test_amodal_visualize_has_four_panels():
 def test_amodal_task_trains_and_samples_in_the_shared_trainer():
     from torch.utils.data import default_collate
 
-    from diffperc.data.procedural_amodal import ProceduralAmodal
+    from diffperc.data import ProceduralAmodal
     from diffperc.diffusion import InferenceSettings
-    from diffperc.lit import Backbone, PerceptionFinetuning
+    from diffperc.lit import PerceptionFinetuning
 
     task = AmodalTask()
     module = PerceptionFinetuning(
-        task, backbone=Backbone("t1", patch_size=4, hidden_size=32, depth=1, num_heads=2), image_size=16,
+        task, backbone=tiny_backbone(patch_size=4), image_size=16,
         inference=InferenceSettings(num_steps=1, ensemble_size=2))
     batch = default_collate([ProceduralAmodal("train", 4, 16)[i] for i in range(4)])
     assert torch.isfinite(module.training_step(batch, 0))
@@ -115,4 +117,8 @@ def test_amodal_task_trains_and_samples_in_the_shared_trainer():
     assert pred.shape == (4, 3, 16, 16)
     metrics = task.metrics()
     task.update_metrics(metrics, pred, batch)
-    assert 0 <= metrics.compute()["mask_iou"].item() <= 1
+    # Mask IoU by hand: per image |P & G| / |P | G| (1 when both are empty), then the mean over the batch.
+    pm, gm = task.mask(pred).flatten(1), batch["whole_mask"].bool().flatten(1)
+    inter, union = (pm & gm).sum(1).double(), (pm | gm).sum(1).double()
+    expected = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean().float()
+    torch.testing.assert_close(metrics.compute()["mask_iou"], expected)

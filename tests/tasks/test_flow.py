@@ -10,6 +10,8 @@ from diffperc.data.io import read_flo
 from diffperc.metrics.flow import EPE, OutlierRate
 from diffperc.tasks.flow import FlowTask
 
+from helpers import tiny_backbone
+
 
 def _batch(flow: torch.Tensor, **extra) -> dict:
     n, _, h, w = flow.shape
@@ -145,10 +147,10 @@ def test_flow_task_trains_and_samples_in_the_shared_trainer():
 
     from diffperc.data.procedural_flow import ProceduralFlow
     from diffperc.diffusion import InferenceSettings
-    from diffperc.lit import Backbone, PerceptionFinetuning
+    from diffperc.lit import PerceptionFinetuning
 
     module = PerceptionFinetuning(
-        FlowTask(max_flow=2.0), backbone=Backbone("t1", patch_size=4, hidden_size=32, depth=1, num_heads=2),
+        FlowTask(max_flow=2.0), backbone=tiny_backbone(patch_size=4),
         image_size=16, inference=InferenceSettings(num_steps=1, ensemble_size=3))
     assert module.net.x_embedder.proj.in_channels == 9  # frame 1, frame 2 and the noisy target
     batch = default_collate([ProceduralFlow("train", 4, 16)[i] for i in range(4)])
