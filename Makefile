@@ -8,7 +8,8 @@ else
   PY := .venv/bin/python
   ENV_DIR := .venv
 endif
-# diffperc is installed in editable mode: code changes need no reinstall, a changed pyproject.toml does.
+# diffperc is installed in editable mode: code changes need no reinstall, a changed pyproject.toml or constraints.txt
+# does. constraints.txt pins the versions the README's numbers were measured with.
 INSTALLED := $(ENV_DIR)/.diffperc-installed
 CONFIG ?= configs/quickstart/depth.yaml
 SWEEP ?= sweeps/tiny/model_size.yaml
@@ -18,9 +19,9 @@ SWEEP ?= sweeps/tiny/model_size.yaml
 .venv/bin/python:
 	python3 -m venv .venv
 
-$(INSTALLED): pyproject.toml | $(if $(VIRTUAL_ENV),,.venv/bin/python)
+$(INSTALLED): pyproject.toml constraints.txt | $(if $(VIRTUAL_ENV),,.venv/bin/python)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" -c constraints.txt
 	touch $@
 
 install: $(INSTALLED)

@@ -4,6 +4,15 @@ from diffperc.callbacks.images import PredictionImageLogger
 from diffperc.callbacks.macs import MACsCounter
 from diffperc.callbacks.moe import ExpertLoadLogger
 from diffperc.callbacks.nonfinite import NonFiniteGuard
+from diffperc.callbacks.progress import StepProgressBar, TrainingThroughput
 from diffperc.callbacks.writer import PredictionWriter
 
-__all__ = ["ExpertLoadLogger", "MACsCounter", "NonFiniteGuard", "PredictionImageLogger", "PredictionWriter"]
+__all__ = [
+    "ExpertLoadLogger",
+    "MACsCounter",
+    "NonFiniteGuard",
+    "PredictionImageLogger",
+    "PredictionWriter",
+    "StepProgressBar",
+    "TrainingThroughput",
+]

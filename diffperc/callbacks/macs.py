@@ -64,6 +64,7 @@ class MACsCounter(Callback):
         moe = moe_config(pl_module.net)
         if moe is not None and moe.get("capacity_factor") is not None:
             local = self._measure(pl_module, batch, device="same")
+            pl_module.flops_per_batch = 2 * local  # read by TrainingThroughput for MFU (1 MAC = 2 FLOPs)
             # Routing differs between ranks: sum the real counts (one scalar all-reduce per batch).
             total = trainer.strategy.reduce(torch.tensor(float(local), device=pl_module.device), reduce_op="sum")
             self.train_macs += int(round(float(total)))
@@ -74,6 +75,7 @@ class MACsCounter(Callback):
             # routing: one measurement per shape is exact (on real tensors: routed modules can't run on meta).
             self._macs_by_shape[key] = self._measure(pl_module, batch, device="same" if moe else "auto")
         self.train_macs += self._macs_by_shape[key] * trainer.world_size
+        pl_module.flops_per_batch = 2 * self._macs_by_shape[key]
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -95,7 +97,8 @@ class MACsCounter(Callback):
         results = getattr(pl_module, "test_results", None)
         if isinstance(results, Mapping) and results.get(TEST_MACS_KEY) is not None:
             for logger in trainer.loggers:
-                logger.log_metrics({TEST_MACS_KEY: float(results[TEST_MACS_KEY])}, step=trainer.global_step)
+                step = results.get("global_step", trainer.global_step)  # the tested weights' step, as the metrics
+                logger.log_metrics({TEST_MACS_KEY: float(results[TEST_MACS_KEY])}, step=step)
 
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict:

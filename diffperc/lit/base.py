@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, RichProgressBar
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from diffperc.codecs import Codec, PixelCodec
@@ -176,9 +176,15 @@ class DiffusionModule(LightningModule):
     # ----------------------------------------------------------------- callbacks
     def default_callbacks(self) -> list[Callback]:
         """The callbacks every run of this module gets unless the trainer already has one of the same type."""
-        from diffperc.callbacks import MACsCounter
+        from diffperc.callbacks import MACsCounter, StepProgressBar, TrainingThroughput
 
-        return [MACsCounter()]  # every fit counts its training MACs (train_macs.json, `compute/train_macs`)
+        # Every fit counts its training MACs (train_macs.json, `compute/train_macs`), logs samples/s (and MFU where
+        # the device's peak is known) and shows its progress in optimizer steps of `max_steps`.
+        callbacks = [MACsCounter(), TrainingThroughput()]
+        bar = self._trainer.progress_bar_callback if self._trainer is not None else None
+        if type(bar) is RichProgressBar:  # Lightning's default bar; a user's own bar, or none, stays as it is
+            callbacks.append(StepProgressBar())
+        return callbacks
 
     def configure_callbacks(self):
         # Lightning replaces a trainer callback by a model callback of the same type: keep the user's own ones.

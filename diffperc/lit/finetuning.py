@@ -188,6 +188,7 @@ class PerceptionFinetuning(DiffusionModule):
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         trainer = self._trainer
+        self._loaded_step = int(checkpoint.get("global_step", 0))
         # Sharded strategies have wrapped or already loaded the weights: compare the records only.
         sharded = trainer is not None and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
         check_record(trainer.ckpt_path if trainer is not None else "checkpoint", checkpoint, self, weights=not sharded)
@@ -254,7 +255,10 @@ class PerceptionFinetuning(DiffusionModule):
                 record[f"{prefix}compute/test_macs_per_sample"] = macs
                 metrics[f"compute/{prefix}test_macs_per_sample"] = macs
         record["inference"] = asdict(self.inference)
+        record["global_step"] = self.trained_step
         record["metrics"] = metrics
+        # Logged at the step the tested weights were trained to (TensorBoard x-axis), not at step 0.
+        self.log("step", float(self.trained_step))
         bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:  # never written: strict JSON has no NaN, and a NaN score must not pass for a result
             raise FloatingPointError(
@@ -266,6 +270,15 @@ class PerceptionFinetuning(DiffusionModule):
         if self.trainer.is_global_zero:
             atomic_write_json(log_dir / "test_metrics.json", record)
         self.test_results = record
+
+    def on_train_start(self) -> None:
+        self._loaded_step = None  # training moves on from a resumed checkpoint's step
+
+    @property
+    def trained_step(self) -> int:
+        """Optimizer steps behind the current weights: the loaded checkpoint's, else those of this fit."""
+        loaded = getattr(self, "_loaded_step", None)
+        return loaded if loaded is not None else (self.trainer.global_step if self._trainer is not None else 0)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         pred, uncertainty = self.predict_batch(batch)

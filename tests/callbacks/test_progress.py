@@ -1,0 +1,65 @@
+"""What a run shows: TensorBoard holds training throughput and the test scores at the trained step, the progress bar
+counts optimizer steps of ``max_steps``."""
+
+import glob
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffperc.callbacks.progress import StepProgressBar, batch_rows
+from diffperc.compute import count_train_macs
+
+from helpers import quiet_trainer, tiny_finetuning
+
+STEPS = 12  # more than the throughput window (10 batches)
+
+
+def _scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    out = {}
+    for path in sorted(glob.glob(f"{folder}/**/events.out.tfevents.*", recursive=True)):
+        events = EventAccumulator(path)
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return out
+
+
+def test_batch_rows_counts_single_and_mixed_batches():
+    assert batch_rows({"image": torch.zeros(5, 3, 4, 4), "depth": torch.zeros(5, 1, 4, 4)}) == 5
+    assert batch_rows({"depth": {"image": torch.zeros(2, 3, 4, 4)}, "flow": {"image1": torch.zeros(3, 3, 4, 4)}}) == 5
+
+
+def test_fit_logs_throughput_and_test_logs_at_the_trained_step(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from diffperc.data import PerceptionDataModule, ProceduralDepth
+
+    dm = PerceptionDataModule(train=ProceduralDepth("train", 64, 16), test=ProceduralDepth("test", 8, 16), batch_size=4)
+    logger = TensorBoardLogger(tmp_path, name="run", version="", default_hp_metric=False)
+    trainer = quiet_trainer(max_steps=STEPS, logger=logger, log_every_n_steps=1, limit_val_batches=0,
+                            enable_progress_bar=True, default_root_dir=tmp_path)
+    module = tiny_finetuning()
+    trainer.fit(module, datamodule=dm)
+    bars = [cb for cb in trainer.callbacks if isinstance(cb, StepProgressBar)]
+    assert len(bars) == 1 and bars[0].total_train_batches == STEPS  # one bar, in steps of max_steps
+    assert bars[0]._get_train_description(0) == "Training"
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    tester = quiet_trainer(logger=TensorBoardLogger(tmp_path, name="run", version="", default_hp_metric=False))
+    tester.test(tiny_finetuning(), datamodule=dm, ckpt_path=ckpt)
+    scalars = _scalars(tmp_path / "run")
+    # Samples per second over the window of the last batches: 4 rows per batch, all measured steps positive.
+    rates = scalars["train/device/samples_per_sec"]
+    assert rates and all(rate > 0 for _, rate in rates)
+    batches = dict(scalars["train/device/batches_per_sec"])
+    assert all(abs(rate / 4 - batches[step]) < 1e-3 * rate for step, rate in rates)
+    # FLOPs per second = 2 x the training MACs of a batch (forward and backward) x batches per second.
+    batch = next(iter(dm.train_dataloader()))
+    per_batch = 2 * count_train_macs(module.net, *module.net_inputs(batch))
+    for step, flops in scalars["train/device/flops_per_sec"]:
+        assert abs(flops - per_batch * batches[step]) <= 1e-3 * flops
+    # Test scores land at the step the weights were trained to, not at 0; no stray hp_metric.
+    assert [step for step, _ in scalars["test/depth/abs_rel"]] == [STEPS]
+    assert [step for step, _ in scalars["compute/test_macs_per_sample"]] == [STEPS]
+    assert "hp_metric" not in scalars
