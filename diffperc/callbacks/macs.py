@@ -26,10 +26,10 @@ class MACsCounter(Callback):
     it receives in ``training_step``, summed over the micro-batches of an optimisation step (gradient accumulation)
     and over all processes (DDP: each rank's batch counts). The frozen codec and the optimizer update are not counted
     (latents can be cached, and AdamW is O(parameters); see ``count_train_macs``). A dense network is measured once
-    per batch shape on the meta device (free). A mixture of experts without a capacity limit costs the same whatever
-    the routing (every token uses exactly k experts): it is measured once per shape on a real batch. With an expert
-    capacity its compute depends on the routing, so it is measured on every real batch (one extra forward and
-    backward per batch).
+    per batch shape on the meta device (free). A mixture of experts costs the same whatever the routing: without a
+    capacity limit every token uses exactly k experts (measured once per shape on a real batch); with one, experts
+    run capacity-padded batches of static shape (measured once per shape on the meta device, padding included: the
+    compute that actually runs).
 
     The network inputs come from ``pl_module.net_inputs(batch)`` (``(x, t, y)`` exactly as ``training_step`` passes
     them to ``pl_module.net``; every ``diffperc.lit.DiffusionModule`` has it). The count runs under a forked RNG, so
@@ -62,18 +62,13 @@ class MACsCounter(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         # Measured before the step runs, so a mixture of experts is routed by the weights the step itself uses.
         moe = moe_config(pl_module.net)
-        if moe is not None and moe.get("capacity_factor") is not None:
-            local = self._measure(pl_module, batch, device="same")
-            pl_module.flops_per_batch = 2 * local  # read by TrainingThroughput for MFU (1 MAC = 2 FLOPs)
-            # Routing differs between ranks: sum the real counts (one scalar all-reduce per batch).
-            total = trainer.strategy.reduce(torch.tensor(float(local), device=pl_module.device), reduce_op="sum")
-            self.train_macs += int(round(float(total)))
-            return
         key = _shape_key(batch)
         if key not in self._macs_by_shape:
-            # Without a capacity limit every token uses exactly k experts, so an MoE step costs the same whatever the
-            # routing: one measurement per shape is exact (on real tensors: routed modules can't run on meta).
-            self._macs_by_shape[key] = self._measure(pl_module, batch, device="same" if moe else "auto")
+            # A dense step, and an MoE step, cost the same for every batch of a shape: without a capacity limit every
+            # token uses exactly k experts (counted on real tensors: the dropless dispatch can't run on meta); with
+            # one, the dispatch has static, capacity-padded shapes (counted on the meta device, padding included).
+            dropless = moe is not None and moe.get("capacity_factor") is None
+            self._macs_by_shape[key] = self._measure(pl_module, batch, device="same" if dropless else "auto")
         self.train_macs += self._macs_by_shape[key] * trainer.world_size
         pl_module.flops_per_batch = 2 * self._macs_by_shape[key]
 

@@ -31,6 +31,14 @@ class StepProgressBar(RichProgressBar):
         if self.progress is not None and self.train_progress_bar_id is not None:
             self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)  # a resumed run
 
+    def get_metrics(self, trainer, pl_module) -> dict:
+        # The training loss as last logged (every `log_every_n_steps`): reading it every step would cost a host sync.
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.logged_metrics.get("train/loss")
+        if loss is not None:
+            metrics["train/loss"] = f"{float(loss):.4g}"
+        return metrics
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()  # resumed mid-epoch

@@ -56,6 +56,7 @@ class VAECodec(Codec):
                 "such as stabilityai/sd-vae-ft-mse (fetch it ahead with `hf download stabilityai/sd-vae-ft-mse`)."
             )
         self.vae.requires_grad_(False).eval()
+        self.path, self.subfolder, self.local_files_only = str(path), subfolder, local_files_only  # what rebuilds it
         self.scaling_factor = float(scaling_factor if scaling_factor is not None else self.vae.config.scaling_factor)
         self.sample_posterior = sample_posterior
         self.half_precision = half_precision
@@ -67,6 +68,16 @@ class VAECodec(Codec):
         super().train(mode)
         self.vae.eval()  # frozen: never switch to training mode
         return self
+
+    def _apply(self, fn, recurse: bool = True):
+        # A cast of the whole model (Lightning's `bf16-true` / `16-true` precision, `.half()`) must not reach the VAE:
+        # the SD VAEs overflow in low precision, and casting back to float32 would not restore the rounded weights.
+        # Device moves still apply; the half-precision GPU option casts `self.vae` itself (`_dtype`).
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if out.is_floating_point() and out.dtype != t.dtype else out
+
+        return super()._apply(keep_dtype, recurse)
 
     def _dtype(self, device: torch.device) -> torch.dtype:
         dtype = torch.float16 if self.half_precision and device.type == "cuda" else torch.float32

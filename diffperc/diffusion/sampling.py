@@ -86,7 +86,8 @@ def sample_ensemble(
     B, _, h, w = cond.shape
     N = settings.ensemble_size
     device = cond.device
-    sampler.set_timesteps(settings.num_steps, device=device)
+    sampler.set_timesteps(settings.num_steps)  # on the host: reading a timestep costs no device sync
+    timesteps = sampler.timesteps.tolist()
     members_per_call = max(1, settings.max_batch // B)
     out = []
     for first in range(0, N, members_per_call):
@@ -97,8 +98,8 @@ def sample_ensemble(
         latents = latents * sampler.init_noise_sigma
         cond_rep = cond.repeat(len(members), 1, 1, 1)  # (M * B, C_cond, h, w): encoded once, reused per member
         y_rep = y.repeat(len(members))
-        for t in sampler.timesteps:
-            t_batch = t.expand(latents.shape[0]).to(device)
+        for t in timesteps:
+            t_batch = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
             x = torch.cat([cond_rep, latents], dim=1)
             if cfg_scale is None:
                 model_out = net(x, t_batch, y_rep)[:, :out_channels]

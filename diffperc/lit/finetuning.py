@@ -162,7 +162,7 @@ class PerceptionFinetuning(DiffusionModule):
         out = self.net(x, t, y)[:, : self.latent_channels]
         n = out.shape[0]
         loss = F.mse_loss(out.float(), target.float())
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/loss", loss, batch_size=n)  # the progress bar shows it at each log (no per-step sync)
         if len(self.tasks) > 1:
             start = 0
             for i, count in rows:
@@ -318,18 +318,17 @@ class PerceptionFinetuning(DiffusionModule):
             self.log(f"{stage}/{task_name}/{key}", value)  # torchmetrics already synced across processes
         return values
 
-    def default_callbacks(self):
-        from diffperc.callbacks import ExpertLoadLogger, NonFiniteGuard, PredictionImageLogger, PredictionWriter
-        from diffperc.checkpoint_io import RNGStateCheckpoint
-
-        extra = [ExpertLoadLogger()] if self.is_moe else []
+    @classmethod
+    def default_callbacks(cls, hparams: dict, progress_bar: bool = True) -> list[dict]:
+        # ExpertLoadLogger logs nothing for a dense network: it is listed for every run, as the config shows it.
+        mode = hparams.get("nonfinite", "raise")
         return [
-            PredictionImageLogger(),
-            PredictionWriter(),
-            *super().default_callbacks(),
-            NonFiniteGuard(self.nonfinite),
-            RNGStateCheckpoint(),
-            *extra,
+            {"class_path": "diffperc.callbacks.PredictionImageLogger"},
+            {"class_path": "diffperc.callbacks.PredictionWriter"},
+            *super().default_callbacks(hparams, progress_bar),
+            {"class_path": "diffperc.callbacks.NonFiniteGuard", "init_args": {"mode": mode}},
+            {"class_path": "diffperc.checkpoint_io.RNGStateCheckpoint"},
+            {"class_path": "diffperc.callbacks.ExpertLoadLogger"},
         ]
 
 

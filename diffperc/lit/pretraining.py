@@ -182,7 +182,7 @@ class DiffusionPretraining(DiffusionModule):
         loss = self.with_aux_loss(mse, x0.shape[0])
         if self.is_moe:
             self.log("train/mse", mse, batch_size=x0.shape[0])
-        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        self.log("train/loss", loss, batch_size=x0.shape[0])  # shown by the progress bar at each log
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

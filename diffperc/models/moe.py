@@ -10,6 +10,7 @@ import copy
 import math
 import re
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import Literal
 
 import torch
@@ -74,15 +75,21 @@ class SparseMoE(nn.Module):
             2 shared experts are one SwiGLU of width 2D.
         expert_type: ``"gelu"`` (DiT's fc1 -> GELU(tanh) -> fc2, with biases) or ``"swiglu"`` (DiT-MoE's experts).
         normalize_weights: Renormalise the k routing weights of a token to sum to 1 (upcycling; DiT-MoE does not).
-        capacity_factor: If set, each expert keeps at most ``ceil(capacity_factor * M * k / E)`` assignments per
+        capacity_factor: If set, each expert keeps at most ``C = ceil(capacity_factor * M * k / E)`` assignments per
             call. Assignments are ranked per expert by choice slot first (all first choices before second
             choices), then by token position in the flattened (N * T) order; the rest are dropped and contribute
-            zero (their weights are not renormalised again). ``None`` = no limit.
+            zero (their weights are not renormalised again). The experts then run as one batched matmul on
+            zero-padded (E, C, D) batches: static shapes and no host sync (``torch.compile`` and CUDA graphs
+            friendly). ``None`` (default) = dropless: every assignment runs, each expert on its own slice, with one
+            host sync per call. Both give the same output when nothing is dropped (``capacity_factor >= E / k``).
         balance_loss_coef: Multiplier already applied to ``aux_loss`` (0 keeps the value at zero).
     """
 
-    #: Compute depends on routing when a capacity factor drops assignments: ``count_macs`` counts on real batches.
-    routing_dependent = True
+    @property
+    def routing_dependent(self) -> bool:
+        """True for the dropless path, whose expert batch sizes come from the routing (a host read), so ``count_macs``
+        runs it on real batches; the capacity path has static shapes and is counted on the meta device."""
+        return self.capacity_factor is None
 
     def __init__(
         self,
@@ -170,13 +177,12 @@ class SparseMoE(nn.Module):
         top_p, top_e = probs.topk(k, dim=-1)  # (M, k), best first
         weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.normalize_weights else top_p
 
-        # 2. Flatten the M * k assignments slot-major (every first choice, then every second choice, ...), so a
-        # stable sort by expert id orders each expert's slice by (slot, token) -- the capacity drop order.
+        # 2. Flatten the M * k assignments slot-major (every first choice, then every second choice, ...): assignment
+        # a = slot * M + token. This is the capacity drop order, and a stable sort by expert keeps it per expert.
         flat_e = top_e.t().reshape(-1)  # (k * M,)
         flat_w = weights.t().reshape(-1)  # (k * M,)
-        flat_tok = torch.arange(M, device=x.device).repeat(k)  # (k * M,)
-        order = torch.argsort(flat_e, stable=True)  # (k * M,)
-        counts = torch.bincount(flat_e, minlength=E)  # (E,)
+        # scatter_add, not bincount: bincount reads the largest id back to the host on a GPU.
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat_e, torch.ones_like(flat_e))
 
         # 3. Balance loss and load from the routing before any drop (Switch Transformer eq. 4,
         # https://arxiv.org/abs/2101.03961, with f_e counted over all k choices as in DiT-MoE).
@@ -184,31 +190,68 @@ class SparseMoE(nn.Module):
         self.aux_loss = self.balance_loss_coef * E * (load * probs.mean(dim=0)).sum()
         self.last_load = load.detach()
 
-        capacity = self.expert_capacity(M)
-        if capacity is not None:
-            # Rank of each sorted assignment inside its expert's slice; the first `capacity` are kept. A stable
-            # sort on "dropped" moves the kept ones to the front, still grouped by expert, without a host sync.
-            starts = torch.cumsum(counts, 0) - counts  # (E,)
-            rank = torch.arange(order.numel(), device=x.device) - starts[flat_e[order]]  # (k * M,)
-            order = order[torch.argsort(rank >= capacity, stable=True)]
-            counts = counts.clamp(max=capacity)
-
-        # 4. Dispatch: gather each token once per assignment, run every expert on its contiguous slice.
-        # `tolist()` is the one host sync per call (torch.split needs Python sizes). An expert with no token still
-        # runs on its empty (0, D) slice: the output is unchanged, but every expert parameter is in the graph and
-        # gets a (zero) gradient, so plain DDP (find_unused_parameters=False) never waits for a missing one.
-        sizes = counts.tolist()
-        order = order[: sum(sizes)]  # (A,), A = kept assignments
-        tok = flat_tok[order]  # (A,)
-        xs = x_flat.index_select(0, tok)  # (A, D), grouped by expert
-        ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(sizes))])  # (A, D)
-        ys = ys * flat_w[order].to(ys.dtype).unsqueeze(1)
-
-        # 5. Combine: scatter-add the weighted expert outputs back to their tokens.
-        out = torch.zeros(M, D, dtype=ys.dtype, device=x.device).index_add_(0, tok, ys)  # (M, D)
+        # 4-5. Dispatch to the experts and combine their weighted outputs per token.
+        if self.capacity_factor is None:
+            out = self._dropless(x_flat, flat_e, flat_w, counts)
+        else:
+            out = self._capacity_padded(x_flat, flat_e, flat_w)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
         return out.reshape(shape)  # (N, T, D)
+
+    def _dropless(self, x_flat: torch.Tensor, flat_e: torch.Tensor, flat_w: torch.Tensor, counts: torch.Tensor):
+        """Every assignment runs: each expert on its contiguous slice of the tokens sorted by expert.
+
+        ``tolist()`` is the one host sync per call (torch.split needs Python sizes). An expert with no token still runs
+        on its empty (0, D) slice: the output is unchanged, but every expert parameter is in the graph and gets a
+        (zero) gradient, so plain DDP (find_unused_parameters=False) never waits for a missing one.
+        """
+        M, D = x_flat.shape
+        order = torch.argsort(flat_e, stable=True)  # (k * M,), grouped by expert
+        tok = order % M  # (k * M,), the token of each sorted assignment
+        xs = x_flat.index_select(0, tok)  # (k * M, D)
+        ys = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts.tolist()))])
+        ys = ys * flat_w[order].to(ys.dtype).unsqueeze(1)  # (k * M, D)
+        return torch.zeros(M, D, dtype=ys.dtype, device=x_flat.device).index_add_(0, tok, ys)  # (M, D)
+
+    def _capacity_padded(self, x_flat: torch.Tensor, flat_e: torch.Tensor, flat_w: torch.Tensor) -> torch.Tensor:
+        """Static shapes, no host sync: every expert gets a (C, D) batch, zero-padded, and all E run as one batched
+        matmul on their stacked weights (after GShard, https://arxiv.org/abs/2006.16668, and Switch Transformer).
+
+        Padding rows run through the experts too (E * C rows whatever the routing) but are never read back.
+        """
+        (M, D), E, k = x_flat.shape, self.num_experts, self.experts_per_token
+        C = min(self.expert_capacity(M), M)  # an expert can't get more than one assignment per token
+        # Rank of each assignment among its expert's, in the flat (slot, token) order: the first C are kept.
+        # (F.one_hot would check the ids' range with two host reads.)
+        one_hot = torch.zeros(k * M, E, dtype=torch.long, device=x_flat.device).scatter_(1, flat_e.unsqueeze(1), 1)
+        rank = one_hot.cumsum(0).gather(1, flat_e.unsqueeze(1)).squeeze(1) - 1  # (k * M,)
+        # Row of each assignment in the (E * C) expert batches; dropped assignments go to the spare row E * C.
+        row = torch.where(rank < C, flat_e * C + rank, E * C)  # (k * M,)
+
+        # 4. Dispatch: the token each batch row holds (empty rows hold the zero token M), then one gather.
+        row_tok = torch.full((E * C + 1,), M, dtype=torch.long, device=x_flat.device)
+        row_tok.scatter_(0, row, torch.arange(k * M, device=x_flat.device) % M)  # the spare row's value is unused
+        x_pad = torch.cat([x_flat, x_flat.new_zeros(1, D)])  # (M + 1, D)
+        xs = x_pad.index_select(0, row_tok[: E * C]).view(E, C, D)  # (E, C, D)
+        ys = self._batched_experts(xs).reshape(E * C, D)  # (E * C, D)
+
+        # 5. Combine: read each assignment's row back (dropped ones read a zero row) and sum the k weighted slots.
+        ys = torch.cat([ys, ys.new_zeros(1, D)])  # (E * C + 1, D)
+        y = ys.index_select(0, row).view(k, M, D) * flat_w.view(k, M, 1).to(ys.dtype)  # (k, M, D)
+        return y.sum(0)  # (M, D)
+
+    def _batched_experts(self, xs: torch.Tensor) -> torch.Tensor:
+        """All experts on their (C, D) batches at once: (E, C, D) -> (E, C, D), with the experts' own weights stacked
+        (a copy per call; the parameters and their state-dict names stay those of the per-expert modules)."""
+        stack = lambda name: torch.stack([attrgetter(name)(expert) for expert in self.experts])  # noqa: E731
+        if self.expert_type == "swiglu":
+            gate = torch.bmm(xs, stack("gate_proj.weight").transpose(1, 2))  # (E, C, H)
+            up = torch.bmm(xs, stack("up_proj.weight").transpose(1, 2))  # (E, C, H)
+            return torch.bmm(F.silu(gate) * up, stack("down_proj.weight").transpose(1, 2))  # (E, C, D)
+        h = torch.baddbmm(stack("fc1.bias").unsqueeze(1), xs, stack("fc1.weight").transpose(1, 2))  # (E, C, H)
+        h = F.gelu(h, approximate="tanh")  # the Mlp's activation
+        return torch.baddbmm(stack("fc2.bias").unsqueeze(1), h, stack("fc2.weight").transpose(1, 2))  # (E, C, D)
 
     def _expert_params(self) -> int:
         return sum(p.numel() for p in self.experts[0].parameters())

@@ -64,7 +64,7 @@ class DepthTask(Task):
 
     def encode_target(self, batch: dict) -> torch.Tensor:
         depth, valid = batch["depth"], self._valid(batch)
-        flat = depth.reshape(depth.shape[0], -1)
+        flat = depth.reshape(depth.shape[0], -1).float()  # nanquantile has no bf16 kernel
         # 1. Per-image quantiles over valid pixels (invalid ones are set to NaN and ignored).
         masked = torch.where(valid.reshape(flat.shape), flat, torch.full_like(flat, float("nan")))
         q = torch.nanquantile(masked, torch.tensor(self.quantiles, dtype=flat.dtype, device=flat.device), dim=1)

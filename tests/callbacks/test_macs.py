@@ -101,17 +101,18 @@ def test_macs_counter_resume_continues_the_count(tmp_path):
     assert _macs_calls(logger) == [call({"compute/train_macs": float(k * per_step)}, step=k - 1) for k in (3, 4)]
 
 
-def test_macs_counter_remeasures_every_batch_only_for_capacity_limited_moe(tmp_path):
+def test_macs_counter_measures_once_per_shape_and_where(tmp_path):
     counted = []
 
     def _counting(*args, **kwargs):
         counted.append(kwargs["device"])
         return count_train_macs(*args, **kwargs)
 
-    # A dense network is counted once ("auto": on the meta device unless a module is routed); MoE on every batch.
-    capped = Upcycle(2, 1, capacity_factor=1.0)  # dropped assignments make the compute depend on routing
+    # Once per batch shape: a dense network and a capacity-limited MoE (static, padded shapes) on the meta device
+    # ("auto"), a dropless MoE on real tensors ("same": its dispatch shapes depend on the routing).
+    capped = Upcycle(2, 1, capacity_factor=1.0)
     cases = ((_tiny_module(), ["auto"]), (_tiny_module(upcycle=Upcycle(2, 1)), ["same"]),
-             (_tiny_module(upcycle=capped), ["same"] * 2))
+             (_tiny_module(upcycle=capped), ["auto"]))
     for module, expected in cases:
         counted.clear()
         with mock.patch.object(macs_module, "count_train_macs", _counting):

@@ -1,14 +1,19 @@
-"""VAECodec with a tiny AutoencoderKL saved by the test (never downloaded)."""
+"""VAECodec with a tiny AutoencoderKL saved by the test (never downloaded), and bf16 mixed precision around it."""
 
+import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import UNet2DModel
 
 from diffperc.codecs import VAECodec
 
 from helpers import tiny_vae
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -119,3 +124,61 @@ def test_vae_codec_hub_id_missing_offline_names_the_download_command(offline_cac
         VAECodec("tiny-org/absent")
     with pytest.raises(FileNotFoundError, match=r"--include 'vae/\*'"):
         VAECodec("tiny-org/absent", subfolder="vae")
+
+
+def test_vae_codec_stays_float32_under_bf16_autocast_and_a_bf16_cast(vae_dir):
+    # `--trainer.precision bf16-mixed` runs everything under bf16 autocast, `bf16-true` casts the whole module: the
+    # SD VAEs overflow in low precision, so the codec runs float32 either way, bit for bit as without them.
+    path, _ = vae_dir
+    codec = VAECodec(str(path))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents, decoded = codec.encode(images), codec.decode(codec.encode(images))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_latents = codec.encode(images)
+        auto_decoded = codec.decode(auto_latents.bfloat16().float())
+    assert auto_latents.dtype == auto_decoded.dtype == torch.float32
+    torch.testing.assert_close(auto_latents, latents, rtol=0, atol=0)
+    torch.testing.assert_close(codec.decode(latents.bfloat16().float()), auto_decoded, rtol=0, atol=0)
+    codec.to(torch.bfloat16)
+    torch.testing.assert_close(codec.encode(images.bfloat16()), codec.encode(images.bfloat16().float()), rtol=0, atol=0)
+    assert codec.vae.dtype == torch.float32
+    torch.testing.assert_close(codec.decode(latents), decoded, rtol=0, atol=0)
+
+
+def test_bf16_mixed_fit_and_test_through_the_cli_write_finite_metrics(vae_dir, tmp_path):
+    # The quickstart depth recipe on the tiny VAE's latents, width-32 DiT, one bf16-mixed step on CPU, then test.
+    path, _ = vae_dir
+    config = tmp_path / "bf16.yaml"
+    config.write_text(f"""
+trainer:
+  precision: bf16-mixed
+  max_steps: 1
+  limit_test_batches: 1
+  enable_progress_bar: false
+  logger:
+    init_args: {{save_dir: {tmp_path / "runs"}}}
+model:
+  init_args:
+    codec:
+      class_path: diffperc.codecs.VAECodec
+      init_args: {{path: {path}}}
+    backbone: {{hidden_size: 32, depth: 1, num_heads: 2}}
+data:
+  init_args:
+    batch_size: 2
+    num_workers: 0
+""")
+    from diffperc.cli import main
+
+    args = ["--config", str(ROOT / "configs" / "quickstart" / "depth.yaml"), "--config", str(config)]
+    main(["fit", *args])
+    main(["test", *args, "--ckpt_path", "last"])
+    run = tmp_path / "runs" / "quickstart_depth"
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 1
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values() if v.is_floating_point())  # fp32 master
+    record = json.loads((run / "test_metrics.json").read_text())
+    for key in ("abs_rel", "delta1", "baseline/abs_rel"):
+        assert isinstance(record[key], float) and math.isfinite(record[key]) and record[key] >= 0, (key, record)
+    assert 0 <= record["delta1"] <= 1 and record["abs_rel"] != record["baseline/abs_rel"]

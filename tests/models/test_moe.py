@@ -1,5 +1,6 @@
 """Tests for the sparse mixture-of-experts layer, upcycling and the MoE preset suffix (tiny models, CPU)."""
 
+import copy
 import math
 
 import pytest
@@ -30,13 +31,28 @@ def _constant_experts(moe: SparseMoE) -> None:
             expert.fc2.bias[e] = 1.0
 
 
+# The two dispatch paths: dropless (default) and capacity-padded with a capacity no routing can exceed (E / k = 2
+# for the 4-expert top-2 layers below), so both must compute the same function.
+PATHS = pytest.mark.parametrize("capacity_factor", [None, 2.0], ids=["dropless", "capacity"])
+
+
 def _reference_moe(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
-    """Every expert on every token, combined with a dense (M, E) weight matrix: slow but obviously right."""
+    """Every expert on every token, combined with a dense (M, E) weight matrix: slow but obviously right. With a
+    capacity C, a Python loop drops each expert's assignments after its first C in (slot, token) order."""
     x_flat = x.reshape(-1, x.shape[-1])
     probs = F.softmax(x_flat @ moe.router.weight.t(), dim=-1)
     top_p, top_e = probs.topk(moe.experts_per_token, dim=-1)
     if moe.normalize_weights:
         top_p = top_p / top_p.sum(-1, keepdim=True)
+    capacity = moe.expert_capacity(x_flat.shape[0])
+    if capacity is not None:
+        taken = [0] * moe.num_experts
+        for slot in range(moe.experts_per_token):
+            for token in range(x_flat.shape[0]):
+                e = int(top_e[token, slot])
+                if taken[e] >= capacity:
+                    top_p[token, slot] = 0.0
+                taken[e] += 1
     dense_w = torch.zeros_like(probs).scatter(1, top_e, top_p)  # (M, E)
     all_out = torch.stack([expert(x_flat) for expert in moe.experts], dim=1)  # (M, E, D)
     out = (dense_w.unsqueeze(-1) * all_out).sum(1)
@@ -45,8 +61,9 @@ def _reference_moe(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def test_sparse_moe_topk_picks_hand_set_experts():
-    moe = SparseMoE(4, 8, num_experts=4, experts_per_token=2)
+@PATHS
+def test_sparse_moe_topk_picks_hand_set_experts(capacity_factor):
+    moe = SparseMoE(4, 8, num_experts=4, experts_per_token=2, capacity_factor=capacity_factor)
     _constant_experts(moe)
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(4))  # logits = x
@@ -64,38 +81,121 @@ def test_sparse_moe_topk_picks_hand_set_experts():
     torch.testing.assert_close(moe(x), expected)
 
 
+@PATHS
 @pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
-def test_sparse_moe_matches_dense_reference(expert_type):
+def test_sparse_moe_matches_dense_reference(expert_type, capacity_factor):
     torch.manual_seed(0)
-    moe = SparseMoE(16, 24, num_experts=4, experts_per_token=2, num_shared_experts=1, expert_type=expert_type)
+    moe = SparseMoE(
+        16,
+        24,
+        num_experts=4,
+        experts_per_token=2,
+        num_shared_experts=1,
+        expert_type=expert_type,
+        capacity_factor=capacity_factor,
+    )
     nn.init.normal_(moe.router.weight, std=0.5)  # spread tokens over all experts
     x = torch.randn(3, 10, 16)
     torch.testing.assert_close(moe(x), _reference_moe(moe, x), atol=1e-6, rtol=1e-5)
     assert (moe.last_load > 0).all()
 
 
-def test_sparse_moe_single_expert_equals_dense_mlp():
+@pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
+def test_sparse_moe_capacity_path_matches_reference_loop_when_dropping(expert_type):
+    # 30 tokens, 4 experts, top-2, capacity ceil(0.5 * 30 * 2 / 4) = 8 < what the skewed router sends expert 0.
+    torch.manual_seed(0)
+    moe = SparseMoE(16, 24, num_experts=4, experts_per_token=2, expert_type=expert_type, capacity_factor=0.5)
+    nn.init.normal_(moe.router.weight, std=0.5)
+    with torch.no_grad():
+        moe.router.weight[0] += 0.3  # most tokens rank expert 0 first
+    x = torch.randn(3, 10, 16)
+    assert moe.expert_capacity(30) == 8
+    out = moe(x)
+    assert moe.last_load[0] * 60 > 8  # expert 0 got more than its capacity: some assignments were dropped
+    torch.testing.assert_close(out, _reference_moe(moe, x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
+def test_sparse_moe_paths_agree_on_outputs_and_gradients(expert_type):
+    torch.manual_seed(0)
+    dropless = SparseMoE(16, 24, num_experts=4, experts_per_token=2, num_shared_experts=1, expert_type=expert_type)
+    nn.init.normal_(dropless.router.weight, std=0.5)
+    padded = copy.deepcopy(dropless)
+    padded.capacity_factor = 2.0  # = E / k: no assignment can be dropped
+    x = torch.randn(3, 10, 16)
+    outs = []
+    for moe in (dropless, padded):
+        out = moe(x)
+        (out.square().sum() + moe_aux_loss(moe)).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+    for (name, a), b in zip(dropless.named_parameters(), padded.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_sparse_moe_paths_agree_under_bf16_autocast():
+    # bf16-mixed: the experts' matmuls run in bf16 on both paths, the routing in float32 (same experts picked).
+    torch.manual_seed(0)
+    dropless = SparseMoE(16, 32, num_experts=4, experts_per_token=2, num_shared_experts=1)
+    nn.init.normal_(dropless.router.weight, std=0.5)
+    padded = copy.deepcopy(dropless)
+    padded.capacity_factor = 2.0
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        full = dropless(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = dropless(x), padded(x)
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(a.float(), full, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(padded.last_load, dropless.last_load, rtol=0, atol=0)
+
+
+def test_sparse_moe_capacity_path_makes_no_host_sync_and_runs_on_meta():
+    from diffperc.compute import count_macs
+    from diffperc.profiling import SyncCounter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    dropless = SparseMoE(16, 32, num_experts=4, experts_per_token=2)
+    padded = SparseMoE(16, 32, num_experts=4, experts_per_token=2, capacity_factor=1.0)
+    with SyncCounter(device="cpu") as syncs:
+        dropless(x)
+    assert dict(syncs.by_op) == {"tolist": 1}  # the split sizes
+    with SyncCounter(device="cpu") as syncs:
+        padded(x)
+    assert syncs.total == 0
+    # Static shapes: counted on the meta device. Router 16 x 4 per token, then E * C = 4 * 8 rows through the
+    # experts (16 x 32 and 32 x 16 matmuls), padding rows included.
+    assert not padded.routing_dependent and dropless.routing_dependent
+    assert count_macs(padded, x, device="meta") == 16 * 16 * 4 + 4 * 8 * 2 * 16 * 32
+
+
+@PATHS
+def test_sparse_moe_single_expert_equals_dense_mlp(capacity_factor):
     torch.manual_seed(0)
     mlp = Mlp(16, 32)
     nn.init.normal_(mlp.fc1.bias)
     nn.init.normal_(mlp.fc2.bias)
-    moe = SparseMoE(16, 32, num_experts=1, experts_per_token=1)
+    moe = SparseMoE(16, 32, num_experts=1, experts_per_token=1, capacity_factor=capacity_factor)
     moe.experts[0].load_state_dict(mlp.state_dict())
     x = torch.randn(2, 5, 16)
     torch.testing.assert_close(moe(x), mlp(x), atol=1e-6, rtol=0)
 
 
-def test_sparse_moe_swiglu_expert_formula():
+@PATHS
+def test_sparse_moe_swiglu_expert_formula(capacity_factor):
     torch.manual_seed(0)
-    moe = SparseMoE(8, 12, num_experts=1, experts_per_token=1, expert_type="swiglu")
+    moe = SparseMoE(8, 12, num_experts=1, experts_per_token=1, expert_type="swiglu", capacity_factor=capacity_factor)
     e = moe.experts[0]
     x = torch.randn(1, 3, 8)
     expected = (F.silu(x @ e.gate_proj.weight.t()) * (x @ e.up_proj.weight.t())) @ e.down_proj.weight.t()
     torch.testing.assert_close(moe(x), expected, atol=1e-6, rtol=1e-5)
 
 
-def test_sparse_moe_balance_loss_hand_computed():
-    moe = SparseMoE(3, 4, num_experts=3, experts_per_token=2, balance_loss_coef=0.1)
+@pytest.mark.parametrize("capacity_factor", [None, 1.5], ids=["dropless", "capacity"])  # E / k = 1.5: no drop
+def test_sparse_moe_balance_loss_hand_computed(capacity_factor):
+    moe = SparseMoE(3, 4, num_experts=3, experts_per_token=2, balance_loss_coef=0.1, capacity_factor=capacity_factor)
     with torch.no_grad():
         moe.router.weight.copy_(torch.eye(3))  # logits = x
     logits = [[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]]  # top-2: {0, 1} and {2, 1}
@@ -137,9 +237,10 @@ def test_sparse_moe_capacity_drops_second_choices_then_later_tokens():
     torch.testing.assert_close(moe(x), expected)
 
 
-def test_sparse_moe_gradients_reach_router_and_used_experts():
+@PATHS
+def test_sparse_moe_gradients_reach_router_and_used_experts(capacity_factor):
     torch.manual_seed(0)
-    moe = SparseMoE(8, 16, num_experts=4, experts_per_token=2, num_shared_experts=1)
+    moe = SparseMoE(8, 16, num_experts=4, experts_per_token=2, num_shared_experts=1, capacity_factor=capacity_factor)
     nn.init.normal_(moe.router.weight, std=0.5)
     x = torch.randn(2, 6, 8)
     (moe(x).square().sum() + moe_aux_loss(moe)).backward()
@@ -150,12 +251,22 @@ def test_sparse_moe_gradients_reach_router_and_used_experts():
     assert all(p.grad.abs().sum() > 0 for p in moe.shared_experts.parameters())
 
 
+@PATHS
 @pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
-def test_sparse_moe_expert_without_tokens_gets_a_zero_gradient(expert_type):
+def test_sparse_moe_expert_without_tokens_gets_a_zero_gradient(expert_type, capacity_factor):
     # Plain DDP (find_unused_parameters=False) needs a gradient for every parameter in every step, also for an expert
-    # the router sent no token to: it runs on an empty slice, so its gradient is exactly zero, not missing.
+    # the router sent no token to: it runs on an empty slice (or on padding rows that are never read back), so its
+    # gradient is exactly zero, not missing.
     torch.manual_seed(0)
-    moe = SparseMoE(8, 16, num_experts=4, experts_per_token=2, num_shared_experts=1, expert_type=expert_type)
+    moe = SparseMoE(
+        8,
+        16,
+        num_experts=4,
+        experts_per_token=2,
+        num_shared_experts=1,
+        expert_type=expert_type,
+        capacity_factor=capacity_factor,
+    )
     nn.init.normal_(moe.router.weight, std=2.0)  # spread tokens over experts 0-2
     with torch.no_grad():
         moe.router.weight[3] = -100.0  # inputs are positive below: expert 3's logit is far below the others'
@@ -183,9 +294,10 @@ def _random_tiny_dit():
     return model.eval()
 
 
-def test_upcycle_preserves_outputs():
+@PATHS
+def test_upcycle_preserves_outputs(capacity_factor):
     dense = _random_tiny_dit()
-    moe_model = upcycle(dense, num_experts=4, top_k=2, router_init_std=1.0).eval()
+    moe_model = upcycle(dense, num_experts=4, top_k=2, capacity_factor=capacity_factor, router_init_std=1.0).eval()
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.tensor([0, 1])
     with torch.no_grad():
         out_dense, out_moe = dense(x, t, y), moe_model(x, t, y)
@@ -206,9 +318,10 @@ def test_upcycle_preserves_outputs():
             torch.testing.assert_close(moe_sd[key], value, atol=0, rtol=0)
 
 
-def test_upcycle_zero_router_still_matches():
+@pytest.mark.parametrize("capacity_factor", [None, 2.0], ids=["dropless", "capacity"])  # E / k = 2: no drop
+def test_upcycle_zero_router_still_matches(capacity_factor):
     dense = _random_tiny_dit()
-    moe_model = upcycle(dense, num_experts=2, top_k=1, router_init_std=0.0).eval()
+    moe_model = upcycle(dense, num_experts=2, top_k=1, capacity_factor=capacity_factor, router_init_std=0.0).eval()
     assert moe_model.blocks[1].mlp.router.weight.abs().sum() == 0
     x, t, y = torch.randn(1, 3, 8, 8), torch.tensor([3]), torch.tensor([1])
     with torch.no_grad():
