@@ -19,8 +19,8 @@ from diffusers import AutoencoderKL  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from diffperc.codecs import VAECodec  # noqa: E402
+from diffperc.data import ProceduralClasses  # noqa: E402
 from diffperc.data.latents import LatentCache, cache_latents  # noqa: E402
-from diffperc.data.procedural_classes import ProceduralClasses  # noqa: E402
 from diffperc.lit.finetuning import Backbone  # noqa: E402
 from diffperc.lit.pretraining import DiffusionPretraining, EMASettings, SamplingSettings  # noqa: E402
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from diffperc.cli import main
-from diffperc.data.flowviz import flow_to_color
 from diffperc.data.io import read_flo
+from diffperc.data.viz import flow_to_color
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 FLOW_PAIRS = {"a": ("a_1.png", "a_2.png", (21, 37)), "chair": ("chair_img1.ppm", "chair_img2.ppm", (40, 13))}

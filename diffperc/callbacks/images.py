@@ -1,8 +1,9 @@
 """Writes the module's validation visuals (input | ground truth | prediction) to TensorBoard."""
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from diffperc.data.viz import image_grid
 
 
 class PredictionImageLogger(Callback):
@@ -12,7 +13,7 @@ class PredictionImageLogger(Callback):
         visuals = getattr(pl_module, "val_visuals", None)
         if visuals is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        grid = torch.cat(list(visuals.clamp(0, 1)), dim=1)  # rows stacked: (3, N * H, 3 * W)
+        grid = image_grid(visuals, columns=1, pad=0)  # rows stacked: (3, N * H, 3 * W)
         name = getattr(getattr(pl_module, "task", None), "name", "pred")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -8,11 +8,11 @@ flow ``_flow.flo`` (pixels) and ``_flow.png`` (colours); amodal ``_whole.png`` a
 import time
 from pathlib import Path
 
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from diffperc.predict import restore_size
 from diffperc.utils import atomic_write_bytes
 
 
@@ -86,12 +86,8 @@ class PredictionWriter(BasePredictionWriter):
                 continue
             p = pred[i : i + 1]
             u = unc[i : i + 1] if unc is not None else None
-            if "orig_size" in batch:  # undo padding, then resizing, to the input's original size
-                h, w = (int(v) for v in batch["resized_size"][i])
-                size = tuple(int(v) for v in batch["orig_size"][i])
-                p = pl_module.task.resize_prediction(p[..., :h, :w], size)
-                if u is not None:
-                    u = F.interpolate(u[..., :h, :w].float(), size=size, mode="bilinear", align_corners=False)
+            if "orig_size" in batch:  # undo padding, then resizing, to the input's original size (as the pipeline)
+                p, u = restore_size(pl_module.task, p, u, batch["resized_size"][i], batch["orig_size"][i])
             # `.name`, not `.stem`: a name is whole (`scene.png` when `scene.jpg` is an input too), and `.stem` would
             # cut `frame.001` and `frame.002` to one `frame`, so the second input's files would overwrite the first's.
             stem = Path(name).name

@@ -6,7 +6,7 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from diffperc.data.images import DEFAULT_MAX_IMAGE_SIDE, ImageFolder
+from diffperc.data.real.images import DEFAULT_MAX_IMAGE_SIDE, ImageFolder
 from diffperc.data.sampler import ResumableDataLoader, ResumableSampler, data_parallel_layout
 
 

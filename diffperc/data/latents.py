@@ -7,7 +7,6 @@ as the data set. Each shard holds ``latent`` (and ``latent_flip``, the horizonta
 the shards already on disk.
 """
 
-import argparse
 import json
 import os
 import time
@@ -32,8 +31,11 @@ def _shard_name(index: int) -> str:
 
 
 def _codec_record(codec: Codec) -> dict:
-    record = {"class": f"{type(codec).__module__}.{type(codec).__qualname__}",
-              "latent_channels": int(codec.latent_channels), "downsample": int(codec.downsample)}
+    record = {
+        "class": f"{type(codec).__module__}.{type(codec).__qualname__}",
+        "latent_channels": int(codec.latent_channels),
+        "downsample": int(codec.downsample),
+    }
     for key in ("scaling_factor", "sample_posterior", "unshuffle"):
         if hasattr(codec, key):
             record[key] = getattr(codec, key)
@@ -41,9 +43,20 @@ def _codec_record(codec: Codec) -> dict:
 
 
 @torch.no_grad()
-def cache_latents(dataset: Dataset, codec: Codec, out_dir: str | Path, *, shard_size: int = 1024,
-                  batch_size: int = 64, num_workers: int = 0, flip: bool = True, device: str | torch.device = "cpu",
-                  dtype: str = "float32", limit: int | None = None, log_every: int = 0) -> dict:
+def cache_latents(
+    dataset: Dataset,
+    codec: Codec,
+    out_dir: str | Path,
+    *,
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    flip: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    limit: int | None = None,
+    log_every: int = 0,
+) -> dict:
     """Encodes ``dataset`` (samples with ``image`` in [-1, 1] and optionally ``label``) into latent shards.
 
     Args:
@@ -73,8 +86,10 @@ def cache_latents(dataset: Dataset, codec: Codec, out_dir: str | Path, *, shard_
     if dtype not in _DTYPES:
         raise ValueError(f"`dtype` must be one of {list(_DTYPES)}, got {dtype!r}")
     if getattr(dataset, "flip", False):
-        raise ValueError(f"{type(dataset).__name__} flips images at random (`flip=True`); set `flip: false` for "
-                         "caching, the cache stores the flipped latent itself")
+        raise ValueError(
+            f"{type(dataset).__name__} flips images at random (`flip=True`); set `flip: false` for "
+            "caching, the cache stores the flipped latent itself"
+        )
     num_samples = len(dataset) if limit is None else min(limit, len(dataset))
     if num_samples < 1:
         raise ValueError(f"Nothing to cache: the data set has {len(dataset)} samples (limit {limit})")
@@ -88,25 +103,42 @@ def cache_latents(dataset: Dataset, codec: Codec, out_dir: str | Path, *, shard_
         raise ValueError(f"{type(dataset).__name__} samples have no `image` key (keys: {sorted(probe)})")
     latent_shape = list(codec.encode(probe["image"][None].to(device)).shape[1:])
     num_shards = -(-num_samples // shard_size)
-    manifest = {"format": FORMAT, "num_samples": num_samples, "shard_size": shard_size, "flip": flip, "dtype": dtype,
-                "codec": _codec_record(codec), "latent_shape": latent_shape, "has_label": "label" in probe,
-                "num_classes": getattr(dataset, "num_classes", None), "dataset": type(dataset).__name__,
-                "shards": [_shard_name(k) for k in range(num_shards)], "complete": False}
+    manifest = {
+        "format": FORMAT,
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "flip": flip,
+        "dtype": dtype,
+        "codec": _codec_record(codec),
+        "latent_shape": latent_shape,
+        "has_label": "label" in probe,
+        "num_classes": getattr(dataset, "num_classes", None),
+        "dataset": type(dataset).__name__,
+        "shards": [_shard_name(k) for k in range(num_shards)],
+        "complete": False,
+    }
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         differ = [k for k in _SETTINGS if old.get(k) != manifest[k]]
         if differ:
-            raise ValueError(f"{out_dir} holds a latent cache made with other settings ({', '.join(differ)}: "
-                             f"{[old.get(k) for k in differ]} vs {[manifest[k] for k in differ]}); delete it or "
-                             "choose another `--out`")
+            raise ValueError(
+                f"{out_dir} holds a latent cache made with other settings ({', '.join(differ)}: "
+                f"{[old.get(k) for k in differ]} vs {[manifest[k] for k in differ]}); delete it or "
+                "choose another `--out`"
+            )
     atomic_write_json(manifest_path, manifest)
 
     # 2. Encode the missing shards in order; complete shards on disk are kept (they were written atomically).
     todo = [k for k in range(num_shards) if not (out_dir / _shard_name(k)).is_file()]
     indices = [i for k in todo for i in range(k * shard_size, min(num_samples, (k + 1) * shard_size))]
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        collate_fn=_collate_images)
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle=False,
+        collate_fn=_collate_images,
+    )
     store = _DTYPES[dtype]
     pending: dict[str, list[torch.Tensor]] = {"latent": [], "latent_flip": [], "label": []}
     filled, shard_iter, start = 0, iter(todo), time.perf_counter()
@@ -166,14 +198,18 @@ class LatentCache(Dataset):
         self.root = Path(root)
         path = self.root / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"No latent cache in {self.root}: {MANIFEST} is missing (`root`); create one with "
-                                    "`diffperc cache-latents --config <training config> --out <folder>`")
+            raise FileNotFoundError(
+                f"No latent cache in {self.root}: {MANIFEST} is missing (`root`); create one with "
+                "`diffperc cache-latents --config <training config> --out <folder>`"
+            )
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{path}: unknown cache format {self.manifest.get('format')!r} (expected {FORMAT!r})")
         if not self.manifest.get("complete"):
-            raise ValueError(f"The latent cache in {self.root} is incomplete (interrupted?): rerun the same "
-                             "`diffperc cache-latents` command to finish it")
+            raise ValueError(
+                f"The latent cache in {self.root} is incomplete (interrupted?): rerun the same "
+                "`diffperc cache-latents` command to finish it"
+            )
         missing = [name for name in self.manifest["shards"] if not (self.root / name).is_file()]
         if missing:
             raise FileNotFoundError(f"The latent cache in {self.root} lacks {len(missing)} shards, e.g. {missing[0]}")
@@ -204,9 +240,9 @@ class LatentCache(Dataset):
         shard, row = divmod(index, self.manifest["shard_size"])
         handle = self._shard(shard)
         key = "latent_flip" if self.flip and torch.rand(()) < 0.5 else "latent"
-        sample = {"latent": handle.get_slice(key)[row: row + 1][0].float()}
+        sample = {"latent": handle.get_slice(key)[row : row + 1][0].float()}
         if self.manifest["has_label"]:
-            sample["label"] = int(handle.get_slice("label")[row: row + 1][0])
+            sample["label"] = int(handle.get_slice("label")[row : row + 1][0])
         return sample
 
 
@@ -243,30 +279,16 @@ def _instantiate(dataset_spec: dict, codec_spec: dict | None) -> tuple[Dataset, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """``diffperc cache-latents``: encodes a training config's data set with its codec (``argv`` without the
-    subcommand name)."""
-    parser = argparse.ArgumentParser(
-        prog="diffperc cache-latents",
-        description="Encode a training config's data set once through its frozen codec into latent shards.")
-    parser.add_argument("--config", action="append", required=True,
-                        help="Training YAML (repeatable; later files override earlier ones)")
-    parser.add_argument("--out", required=True, help="Output folder for the shards and manifest.json")
-    parser.add_argument("--split", default="train", choices=["train", "val", "test"],
-                        help="Which data set of the config (`data.init_args.<split>`) to encode")
-    parser.add_argument("--shard_size", type=int, default=1024)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=list(_DTYPES))
-    parser.add_argument("--no_flip", action="store_true", help="Do not store the flipped latents")
-    parser.add_argument("--limit", type=int, default=None, help="Cache only the first LIMIT samples")
-    args = parser.parse_args(argv)
+    """``diffperc cache-latents --base TRAINING.yaml --out DIR``: encodes a training config's data set with its codec
+    (``argv`` without the subcommand name); the flags are declared in ``diffperc.cli``."""
+    from diffperc.cli import parse_command
 
-    config = _load_configs(args.config)
+    args = parse_command("cache-latents", argv)
+    config = _load_configs(args.base)
     data_args = config.get("data", {}).get("init_args", config.get("data", {}))
     dataset_spec = data_args.get(args.split)
     if not isinstance(dataset_spec, Mapping):
-        raise ValueError(f"{args.config}: no `data.init_args.{args.split}` data set (a class_path with init_args)")
+        raise ValueError(f"`--base` {args.base}: no `data.init_args.{args.split}` data set (class_path, init_args)")
     dataset_spec = _deep_merge(dataset_spec, {})
     if "flip" in dataset_spec.get("init_args", {}):
         dataset_spec["init_args"]["flip"] = False  # the cache stores both orientations
@@ -275,11 +297,23 @@ def main(argv: list[str] | None = None) -> dict:
     if getattr(dataset, "flip", False):
         dataset.flip = False
     start = time.perf_counter()
-    manifest = cache_latents(dataset, codec, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
-                             num_workers=args.num_workers, flip=not args.no_flip, device=args.device,
-                             dtype=args.dtype, limit=args.limit, log_every=10)
-    print(f"cache-latents: {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {args.out} "
-          f"({time.perf_counter() - start:.1f} s)")
+    manifest = cache_latents(
+        dataset,
+        codec,
+        args.out,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        flip=not args.no_flip,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype=args.dtype,
+        limit=args.limit,
+        log_every=10,
+    )
+    print(
+        f"cache-latents: {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {args.out} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
     return manifest
 
 

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from diffperc.data.datamodule import folder_loader
+from diffperc.data.real.images import DEFAULT_MAX_IMAGE_SIDE
 from diffperc.data.sampler import ResumableDataLoader, ResumableSampler, data_parallel_layout
 
 #: The paper's fine-tuning steps per task (§6.1-6.3): the default mixing ratios of a generalist.
@@ -146,6 +147,9 @@ class MultiTaskDataModule(LightningDataModule):
         images: Folder of inputs for ``diffperc predict`` (in the predict task's layout).
         predict_resolution: Long edge of ``images`` during prediction (outputs are resized back).
         predict_multiple: Pad ``images`` to a multiple of this (codec downsample x patch size).
+        max_image_side: Longest side of an ``images`` input decoded at full size (default 8192); larger inputs are
+            decoded at 1/2, 1/4 or 1/8 scale and one above 8x this is skipped, as in ``PerceptionDataModule``.
+            None = no limit.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class MultiTaskDataModule(LightningDataModule):
         images: str | None = None,
         predict_resolution: int = 32,
         predict_multiple: int = 8,
+        max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
     ):
         super().__init__()
         _check_lists(names, train=train, val=val, test=test)
@@ -173,6 +178,8 @@ class MultiTaskDataModule(LightningDataModule):
             raise ValueError(f"`--data.eval_batch_size` must be >= 1, got {eval_batch_size}")
         if num_workers < 0:
             raise ValueError(f"`--data.num_workers` must be >= 0, got {num_workers}")
+        if max_image_side is not None and max_image_side < 1:
+            raise ValueError(f"`--data.max_image_side` must be >= 1 or null, got {max_image_side}")
         self.names = list(names)
         self.train_set = MixtureDataset(train, names, ratios, length, seed)  # validates ratios and length now
         self.val_sets, self.test_sets = val, test
@@ -180,6 +187,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.images, self.predict_resolution, self.predict_multiple = images, predict_resolution, predict_multiple
+        self.max_image_side = max_image_side
 
     def _common(self) -> dict:
         return dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
@@ -215,7 +223,9 @@ class MultiTaskDataModule(LightningDataModule):
         """``--data.images`` in the predict task's layout, else the predict task's test set
         (``--model.predict_task``, default the first task)."""
         if self.images:
-            return folder_loader(self, self.images, self.predict_resolution, self.predict_multiple, self.num_workers)
+            return folder_loader(
+                self, self.images, self.predict_resolution, self.predict_multiple, self.num_workers, self.max_image_side
+            )
         module = self.trainer.lightning_module if self.trainer is not None else None
         name = getattr(getattr(module, "task", None), "name", self.names[0])
         if self.test_sets is None:

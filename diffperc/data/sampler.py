@@ -41,10 +41,11 @@ class ResumableSampler(DistributedSampler):
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"ResumableSampler: rank {rank} is not in 0..num_replicas-1 = 0..{num_replicas - 1}")
         if len(dataset) < num_replicas:
-            raise ValueError(f"ResumableSampler: the data set has {len(dataset)} samples, fewer than the "
-                             f"{num_replicas} data-parallel processes")
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+            raise ValueError(
+                f"ResumableSampler: the data set has {len(dataset)} samples, fewer than the "
+                f"{num_replicas} data-parallel processes"
+            )
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self._skip: tuple[int, int] | None = None  # (epoch, samples) still to skip
 
     def skip(self, epoch: int, num_samples: int) -> None:
@@ -134,4 +135,3 @@ def data_parallel_layout(trainer) -> tuple[int, int]:
     if not kwargs:
         return 0, 1
     return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
-

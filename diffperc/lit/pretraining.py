@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from diffperc.codecs import Codec
+from diffperc.data.viz import image_grid
 from diffperc.diffusion import DiffusionSettings, InferenceSettings, sample_ensemble, training_target
 from diffperc.lit.base import DiffusionModule, EMASettings, settings
 from diffperc.models import moe_config
@@ -200,7 +201,7 @@ class DiffusionPretraining(DiffusionModule):
         if not self.trainer.is_global_zero:
             return
         images = self.sample(self.sample_labels())
-        self.sample_grid = _grid((images + 1) / 2, self.sampling.columns)  # (3, rows * H, columns * W) in [0, 1]
+        self.sample_grid = image_grid((images + 1) / 2, self.sampling.columns)  # (3, rows * H, columns * W) in [0, 1]
         step = self.trainer.global_step
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -275,16 +276,3 @@ class DiffusionPretraining(DiffusionModule):
         for key in ("state_dict", "current_model_state"):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint[key] = {**codec_state, **checkpoint[key]}
-
-
-def _grid(images: torch.Tensor, columns: int, pad: int = 2) -> torch.Tensor:
-    """(N, 3, H, W) images -> one (3, rows * (H + pad) + pad, columns * (W + pad) + pad) grid on a white background."""
-    n, c, h, w = images.shape
-    columns = min(columns, n)
-    rows = -(-n // columns)
-    grid = torch.ones(c, rows * (h + pad) + pad, columns * (w + pad) + pad, dtype=images.dtype, device=images.device)
-    for i, image in enumerate(images.clamp(0, 1)):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top : top + h, left : left + w] = image
-    return grid

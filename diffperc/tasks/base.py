@@ -19,7 +19,7 @@ class Task:
     num_conditions: int = 1
     #: Default ensemble reducer for this task's predictions (``diffperc.diffusion.ensemble``).
     reducer: str = "median"
-    #: How ``diffperc predict --data.images`` reads a folder (``diffperc.data.images.LAYOUTS``).
+    #: How ``diffperc predict --data.images`` reads a folder (``diffperc.data.real.images.LAYOUTS``).
     predict_layout: str = "single"
 
     def conditions(self, batch: dict) -> list[torch.Tensor]:

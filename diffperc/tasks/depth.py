@@ -2,32 +2,15 @@
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
 
+from diffperc.data.viz import colorize_depth, rgb_batch
 from diffperc.metrics import AbsRel, Delta1
 from diffperc.tasks.base import Task
 from diffperc.utils import atomic_write_bytes, png_bytes
-
-
-def colorize_depth(depth: np.ndarray, cmap: str = "Spectral") -> np.ndarray:
-    """Depth (H, W) -> uint8 RGB (H, W, 3), normalised to its 2%..98% range; near is red with ``Spectral``.
-
-    The same colours as ``matplotlib.colormaps[cmap](norm)`` (its 256 bins), through a uint8 lookup table and float32
-    arithmetic: a 12000 x 9000 prediction costs a few hundred MB instead of matplotlib's float64 RGBA copy (~3.5 GB).
-    """
-    finite = depth[np.isfinite(depth)]
-    lo, hi = (float(v) for v in np.percentile(finite, [2, 98])) if finite.size else (0.0, 1.0)
-    del finite
-    index = np.nan_to_num(depth.astype(np.float32, copy=True), nan=lo, posinf=hi, neginf=lo)
-    index -= lo
-    index *= 256.0 / max(hi - lo, 1e-8)  # bin i holds norm in [i / 256, (i + 1) / 256), as matplotlib's lookup
-    np.clip(index, 0, 255, out=index)
-    lut = (matplotlib.colormaps[cmap](np.arange(256))[:, :3] * 255).astype(np.uint8)  # (256, 3)
-    return lut[index.astype(np.uint8)]
 
 
 class DepthTask(Task):
@@ -105,8 +88,7 @@ class DepthTask(Task):
         rgb = (batch["image"].float().cpu() + 1) / 2
         gt = [colorize_depth(d[0].numpy()) for d in batch["depth"].float().cpu()]
         pr = [colorize_depth(p[0].numpy()) for p in pred.float().cpu()]
-        to_t = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-        return torch.cat([rgb, to_t(gt), to_t(pr)], dim=3)  # (N, 3, H, 3W)
+        return torch.cat([rgb, rgb_batch(gt), rgb_batch(pr)], dim=3)  # (N, 3, H, 3W)
 
     def save_prediction(
         self, pred: torch.Tensor, uncertainty: torch.Tensor | None, out_dir: Path, stem: str

@@ -8,13 +8,12 @@ into the flow.
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
 
-from diffperc.data.flowviz import flow_to_color
 from diffperc.data.io import write_flo
+from diffperc.data.viz import flow_to_color, rgb_batch
 from diffperc.metrics.flow import EPE, OutlierRate
 from diffperc.tasks.base import Task
 from diffperc.utils import atomic_write_bytes, png_bytes
@@ -35,7 +34,7 @@ class FlowTask(Task):
 
     name = "flow"
     num_conditions = 2
-    #: ``diffperc predict --data.images``: named pairs or consecutive frames (``diffperc.data.images``)
+    #: ``diffperc predict --data.images``: named pairs or consecutive frames (``diffperc.data.real.images``)
     predict_layout = "pairs"
 
     def __init__(
@@ -96,8 +95,7 @@ class FlowTask(Task):
             scale = max(float(g.norm(dim=0).max()), 1e-6)  # one scale for both, so colours compare
             gt.append(flow_to_color(g.numpy(), scale))
             pr.append(flow_to_color(p.numpy(), scale))
-        to_t = lambda xs: torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-        return torch.cat([rgb, to_t(gt), to_t(pr)], dim=3)
+        return torch.cat([rgb, rgb_batch(gt), rgb_batch(pr)], dim=3)
 
     def save_prediction(
         self, pred: torch.Tensor, uncertainty: torch.Tensor | None, out_dir: Path, stem: str

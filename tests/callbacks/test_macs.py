@@ -145,7 +145,7 @@ def test_macs_counter_logs_test_macs_reported_by_the_module(tmp_path):
 
 
 def test_macs_counter_counts_pretraining_steps(tmp_path):
-    from diffperc.data.procedural_classes import ProceduralClasses
+    from diffperc.data import ProceduralClasses
     from diffperc.lit.pretraining import DiffusionPretraining
 
     module = DiffusionPretraining(backbone=tiny_backbone(patch_size=4),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffperc.data.imagenet import ImageNetFolder, center_crop_arr, pil_resize
+from diffperc.data.real.imagenet import ImageNetFolder, center_crop_arr, pil_resize
 
 _HAS_PIL = importlib.util.find_spec("PIL") is not None
 
@@ -103,11 +103,10 @@ def test_center_crop_arr_matches_adm_with_pillow():
         while min(*pil_image.size) >= 2 * image_size:
             pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.Resampling.BOX)
         scale = image_size / min(*pil_image.size)
-        pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
-                                     resample=Image.Resampling.BICUBIC)
+        pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.Resampling.BICUBIC)
         arr = np.array(pil_image)
         top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-        return arr[top: top + image_size, left: left + image_size]
+        return arr[top : top + image_size, left : left + image_size]
 
     # A smooth photo-like image; Pillow 13 may order the two passes differently, which moves a few levels at most.
     y, x = np.mgrid[0:75, 0:131]

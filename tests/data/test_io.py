@@ -6,7 +6,15 @@ import cv2
 import numpy as np
 import pytest
 
-from diffperc.data.io import FLO_MAGIC, read_depth_png, read_flo, read_mask, read_rgb, write_flo
+from diffperc.data.io import (
+    FLO_MAGIC,
+    read_depth_png,
+    read_flo,
+    read_mask,
+    read_rgb,
+    read_rgb_at_least,
+    write_flo,
+)
 
 
 def _flo_bytes(width: int, height: int, values: np.ndarray, magic: float = FLO_MAGIC) -> bytes:
@@ -98,6 +106,40 @@ def test_read_rgb_missing_or_corrupt_raises_naming_file(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"junk\.png"):
         read_rgb(tmp_path / "junk.png")
+
+
+def _photo(h: int, w: int) -> np.ndarray:
+    """A BGR image with smooth gradients and sharp edges (as a photo has), red brighter than blue."""
+    y, x = np.mgrid[0:h, 0:w]
+    bgr = np.stack([30 + 20 * (x % 16 < 8), (255 * x / w).astype(int), 120 + (120 * y / h).astype(int)], -1)
+    return bgr.astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "size, factor",
+    [((8, 12), 4), ((16, 24), 2), ((12, 24), 2), ((33, 12), 1), ((64, 96), 1)],
+    ids=["quarter", "half", "half_by_width", "too_tall_for_half", "full_size"],
+)
+def test_read_rgb_at_least_decodes_a_large_jpeg_at_the_scale_that_keeps_2x_the_size(tmp_path, size, factor):
+    bgr = _photo(64, 96)
+    cv2.imwrite(str(tmp_path / "x.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    rgb, full = read_rgb_at_least(tmp_path / "x.jpg", size)
+    assert full == (64, 96) and rgb.shape == (64 // factor, 96 // factor, 3)
+    reference = read_rgb(tmp_path / "x.jpg")
+    assert rgb[..., 0].mean() > rgb[..., 2].mean()  # RGB order at every scale
+    # After area averaging to `size`, reduced and full decode differ by a few levels at most on this image.
+    ours = cv2.resize(rgb, size[::-1], interpolation=cv2.INTER_AREA).astype(int)
+    full_decode = cv2.resize(reference, size[::-1], interpolation=cv2.INTER_AREA).astype(int)
+    assert np.abs(ours - full_decode).max() <= (0 if factor == 1 else 3)  # measured: 2
+
+
+def test_read_rgb_at_least_decodes_png_at_full_size(tmp_path):
+    cv2.imwrite(str(tmp_path / "x.png"), _photo(64, 96))
+    rgb, full = read_rgb_at_least(tmp_path / "x.png", (8, 12))
+    assert full == (64, 96) and np.array_equal(rgb, read_rgb(tmp_path / "x.png"))
+    assert rgb[0, 0].tolist() == _photo(64, 96)[0, 0, ::-1].tolist()
+    with pytest.raises(FileNotFoundError, match=r"gone\.jpg"):
+        read_rgb_at_least(tmp_path / "gone.jpg", (8, 8))
 
 
 def test_read_depth_png_divides_by_scale(tmp_path):

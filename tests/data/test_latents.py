@@ -9,8 +9,8 @@ from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from diffperc.codecs import VAECodec
+from diffperc.data import ProceduralClasses
 from diffperc.data.latents import LatentCache, cache_latents, main
-from diffperc.data.procedural_classes import ProceduralClasses
 from diffperc.lit.finetuning import Backbone
 from diffperc.lit.pretraining import DiffusionPretraining, EMASettings
 
@@ -18,9 +18,17 @@ from diffperc.lit.pretraining import DiffusionPretraining, EMASettings
 @pytest.fixture
 def vae_path(tmp_path):
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  layers_per_block=1, norm_num_groups=8, sample_size=16).save_pretrained(tmp_path / "vae")
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+    ).save_pretrained(tmp_path / "vae")
     return str(tmp_path / "vae")
 
 
@@ -57,8 +65,9 @@ def test_cached_latents_equal_fresh_encodings(tmp_path, vae_path):
     from safetensors.torch import load_file
 
     shard = load_file(str(tmp_path / "cache" / "shard_00001.safetensors"))
-    torch.testing.assert_close(shard["latent_flip"][1], codec.encode(data[5]["image"][None].flip(-1))[0],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        shard["latent_flip"][1], codec.encode(data[5]["image"][None].flip(-1))[0], rtol=1e-5, atol=1e-6
+    )
     assert shard["label"].tolist() == [4, 5, 6, 7]
 
 
@@ -110,16 +119,38 @@ def test_cache_latents_rejects_a_randomly_flipping_dataset(tmp_path):
 
 def test_cache_latents_main_reads_a_training_config(tmp_path, vae_path):
     config = {
-        "model": {"class_path": "diffperc.lit.pretraining.DiffusionPretraining",
-                  "init_args": {"codec": {"class_path": "diffperc.codecs.VAECodec", "init_args": {"path": vae_path}}}},
-        "data": {"class_path": "diffperc.data.PerceptionDataModule",
-                 "init_args": {"train": {"class_path": "diffperc.data.procedural_classes.ProceduralClasses",
-                                         "init_args": {"length": 50, "resolution": 16}}}},
+        "model": {
+            "class_path": "diffperc.lit.pretraining.DiffusionPretraining",
+            "init_args": {"codec": {"class_path": "diffperc.codecs.VAECodec", "init_args": {"path": vae_path}}},
+        },
+        "data": {
+            "class_path": "diffperc.data.PerceptionDataModule",
+            "init_args": {
+                "train": {
+                    "class_path": "diffperc.data.ProceduralClasses",
+                    "init_args": {"length": 50, "resolution": 16},
+                }
+            },
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    manifest = main(["--config", str(path), "--out", str(tmp_path / "out"), "--limit", "6", "--shard_size", "4",
-                     "--num_workers", "0", "--device", "cpu"])
+    manifest = main(
+        [
+            "--config",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+            "--limit",
+            "6",
+            "--shard_size",
+            "4",
+            "--num_workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert manifest["num_samples"] == 6 and len(manifest["shards"]) == 2
     assert manifest["codec"]["class"] == "diffperc.codecs.vae.VAECodec"
     assert LatentCache(str(tmp_path / "out"))[5]["latent"].shape == (4, 8, 8)
@@ -131,8 +162,12 @@ def test_pretraining_on_cached_latents_equals_encoding_images(tmp_path, vae_path
     cache_latents(data, codec, tmp_path / "cache", shard_size=4, flip=False)
     cache = LatentCache(str(tmp_path / "cache"))
     torch.manual_seed(0)
-    module = DiffusionPretraining(codec=codec, image_size=16, ema=EMASettings(decay=None),
-                                  backbone=Backbone("t1", patch_size=2, hidden_size=32, depth=1, num_heads=2))
+    module = DiffusionPretraining(
+        codec=codec,
+        image_size=16,
+        ema=EMASettings(decay=None),
+        backbone=Backbone("t1", patch_size=2, hidden_size=32, depth=1, num_heads=2),
+    )
     for param in module.net.parameters():  # adaLN-Zero starts at a zero output; make the output see its input
         param.data.normal_(0, 0.1)
     module.eval()  # no label dropout, so both losses see the same labels

@@ -7,9 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffperc.data.mixture import MixtureDataset, MultiTaskDataModule, collate_mixed
-from diffperc.data.procedural import ProceduralDepth
-from diffperc.data.procedural_amodal import ProceduralAmodal
-from diffperc.data.procedural_flow import ProceduralFlow
+from diffperc.data.procedural import ProceduralAmodal, ProceduralDepth, ProceduralFlow
 
 NAMES = ["depth", "flow", "amodal"]
 KEYS = {

@@ -6,9 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffperc.data.procedural import split_rng
-from diffperc.data.procedural_amodal import ProceduralAmodal, render_amodal_scene
-from diffperc.data.procedural_flow import ProceduralFlow, render_flow_pair
+from diffperc.data.procedural import (
+    ProceduralAmodal,
+    ProceduralFlow,
+    render_amodal_scene,
+    render_flow_pair,
+    split_rng,
+)
 from diffperc.tasks.amodal import AmodalTask
 
 GENERATORS = [ProceduralFlow, ProceduralAmodal]

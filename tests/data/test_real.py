@@ -1,4 +1,4 @@
-"""Tests for the real-format readers (diffperc.data.real, diffperc.data.depth_eval).
+"""Tests for the real-format readers (diffperc.data.real: Hypersim, FlyingChairs, pix2gestalt, the depth eval sets).
 
 Tiny fixtures written here always run; the shared real samples (../shared/fixtures) are used when present.
 """
@@ -10,9 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from diffperc.data.depth_eval import DIODEDataset, ETH3DDataset, KITTIDataset, NYUv2Dataset, ScanNetDataset
-from diffperc.data.io import read_flo, write_flo
-from diffperc.data.real import FlyingChairsDataset, HypersimDataset, Pix2GestaltDataset, resize_flow
+from diffperc.data.io import read_flo, read_rgb, write_flo
+from diffperc.data.real import (
+    DIODEDataset,
+    ETH3DDataset,
+    FlyingChairsDataset,
+    HypersimDataset,
+    KITTIDataset,
+    NYUv2Dataset,
+    Pix2GestaltDataset,
+    ScanNetDataset,
+    resize_flow,
+)
+from diffperc.data.real.common import LAYOUT_PAGES
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
@@ -125,6 +135,63 @@ def test_hypersim_dataset_missing_file_and_bad_list_raise(tmp_path):
         HypersimDataset(root, tmp_path / "nolist.txt")
     with pytest.raises(ValueError, match="`resolution`"):
         HypersimDataset(root, tmp_path / "nolist.txt", resolution=(0, 4))
+
+
+def test_hypersim_dataset_resize_is_area_averaging_of_the_stored_rgb(tmp_path):
+    rgb = _rgb(12, 16, seed=3)
+    depth_mm = np.arange(12 * 16, dtype=np.uint16).reshape(12, 16) + 1
+    root, listing = _hypersim(tmp_path, depth_mm, rgb)
+    sample = HypersimDataset(root, listing, resolution=(8, 8))[0]  # 1.5x down in H, 2x in W
+    area = cv2.resize(rgb, (8, 8), interpolation=cv2.INTER_AREA)
+    torch.testing.assert_close(sample["image"], torch.from_numpy(area).permute(2, 0, 1).float() / 127.5 - 1)
+    nearest = cv2.resize(depth_mm, (8, 8), interpolation=cv2.INTER_NEAREST_EXACT).astype(np.float32) / 1000
+    torch.testing.assert_close(sample["depth"][0], torch.from_numpy(nearest))
+    assert sample["image"].is_contiguous() and sample["depth"].is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "make, page",
+    [
+        (lambda tmp: HypersimDataset(tmp / "nowhere", tmp / "list.txt"), "Hypersim"),
+        (lambda tmp: FlyingChairsDataset(tmp / "nowhere"), "FlyingChairs"),
+        (lambda tmp: Pix2GestaltDataset(tmp / "nowhere"), "pix2gestalt"),
+    ],
+    ids=["hypersim", "flyingchairs", "pix2gestalt"],
+)
+def test_missing_data_error_names_the_layout_page_once(tmp_path, make, page):
+    with pytest.raises(FileNotFoundError) as info:
+        make(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "nowhere") in message and "(`root`)" in message
+    assert message.count("https://") == 1 and LAYOUT_PAGES[page] in message
+    assert info.value.__cause__ is None and info.value.__context__ is None  # one message, nothing chained
+
+
+def test_hypersim_listed_file_missing_names_the_list_and_the_page_once(tmp_path):
+    root, listing = _hypersim(tmp_path, np.ones((2, 3), np.uint16))
+    (root / "scene" / "rgb_cam_00_fr0000.png").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        HypersimDataset(root, listing)[0]
+    message = str(info.value)
+    assert message.startswith(f"Image not found: {root / 'scene' / 'rgb_cam_00_fr0000.png'} (listed in {listing}")
+    assert message.count("https://github.com/prs-eth/Marigold") == 1 and "dataset_preprocess/hypersim" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # raised `from None`: one message
+
+
+def test_depth_list_jpeg_is_decoded_at_reduced_scale_and_depth_at_full_size(tmp_path):
+    y, x = np.mgrid[0:64, 0:96]
+    rgb = np.stack([(255 * x / 96), (255 * y / 64), np.full_like(x, 90)], -1).astype(np.uint8)
+    (tmp_path / "s" / "color").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "s/color/000.jpg"), rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    depth_mm = np.full((64, 96), 2500, np.uint16)
+    _write_png(tmp_path / "s/depth/000.png", depth_mm)
+    (tmp_path / "list.txt").write_text("s/color/000.jpg s/depth/000.png\n")
+    sample = ScanNetDataset(tmp_path, tmp_path / "list.txt", resolution=(8, 12))[0]  # JPEG read at 1/4: 16x24
+    full = cv2.resize(read_rgb(tmp_path / "s/color/000.jpg"), (12, 8), interpolation=cv2.INTER_AREA)
+    expected = torch.from_numpy(full).permute(2, 0, 1).float() / 127.5 - 1
+    assert (sample["image"] - expected).abs().max().item() <= 2 / 127.5  # within 2 levels of a full decode
+    assert sample["depth_native"].shape == (1, 64, 96) and sample["depth"].shape == (1, 8, 12)
+    assert sample["valid_mask"].all()
 
 
 @needs_fixtures

@@ -10,8 +10,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from diffperc.data import ProceduralDepth
-from diffperc.data.procedural_classes import ProceduralClasses
+from diffperc.data import ProceduralClasses, ProceduralDepth
 from diffperc.lit import Backbone, DiffusionPretraining, EMASettings, PerceptionFinetuning, SamplingSettings, Upcycle
 from diffperc.models import DiT, build_model, parameter_counts
 from diffperc.models.pretrained import load_pretrained

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffperc.data.flowviz import flow_to_color, make_colorwheel
 from diffperc.data.io import read_flo
+from diffperc.data.viz import flow_to_color, make_colorwheel
 from diffperc.metrics.flow import EPE, OutlierRate
 from diffperc.tasks.flow import FlowTask
 
@@ -145,7 +145,7 @@ def test_flow_task_rejects_nonpositive_max_flow():
 def test_flow_task_trains_and_samples_in_the_shared_trainer():
     from torch.utils.data import default_collate
 
-    from diffperc.data.procedural_flow import ProceduralFlow
+    from diffperc.data import ProceduralFlow
     from diffperc.diffusion import InferenceSettings
     from diffperc.lit import PerceptionFinetuning
 

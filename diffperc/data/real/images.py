@@ -22,20 +22,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from diffperc.data.io import REDUCED_FLAGS, image_header_size, truncated_jpeg
+from diffperc.predict import fit_image, processing_size, to_model_range, visible_mask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 # Longest input side decoded at full size; larger inputs are decoded at 1/2, 1/4 or 1/8 scale (`ImageFolder`).
 DEFAULT_MAX_IMAGE_SIDE = 8192
-_REDUCED = {  # read flag -> {scale-down factor: the flag that decodes at that scale}
-    cv2.IMREAD_COLOR: {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8},
-    cv2.IMREAD_GRAYSCALE: {
-        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
-        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
-    },
-}
 LAYOUTS = ("single", "pairs", "masks")
 # `<name>_1` / `<name>_2` or `<name>_img1` / `<name>_img2`: the named frames of one flow pair.
 _NAMED_FRAME = re.compile(r"(?P<name>.+)_(?P<marker>img)?(?P<frame>[12])")
@@ -156,15 +150,15 @@ class ImageFolder(Dataset):
             data = path.read_bytes()
         except OSError as err:
             raise _Unreadable(f"Cannot read image {path} ({err.strerror}); skipped") from err
-        if data[:2] == b"\xff\xd8" and _truncated_jpeg(data):  # libjpeg decodes the part it has without an error
+        if data[:2] == b"\xff\xd8" and truncated_jpeg(data):  # libjpeg decodes the part it has without an error
             raise _Unreadable(f"Cannot read image {path} (truncated JPEG: no end-of-image marker); skipped")
-        full = _header_size(data)
+        full = image_header_size(data)
         if full is None:  # not a PNG or JPEG: decoded at full size, then held to the same limit
             factor = 1
         elif factor is None:
             factor = self._factor(path, full)
         try:
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[flags][factor] if factor > 1 else flags)
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED_FLAGS[flags][factor] if factor > 1 else flags)
         except cv2.error as err:  # some decoders raise instead of returning None
             raise _Unreadable(f"Cannot read image {path} ({str(err).strip().splitlines()[-1]}); skipped") from err
         if img is None or img.size == 0:
@@ -187,32 +181,27 @@ class ImageFolder(Dataset):
         )
 
     def _fit(self, img: np.ndarray, size: tuple[int, int], nearest: bool = False) -> torch.Tensor:
-        """Resize to ``size`` (h, w), pad right/bottom to the multiple (cropped off afterwards); (C, H, W)."""
-        h, w = size
-        shrink = w < img.shape[1]
-        interp = cv2.INTER_NEAREST if nearest else (cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        out = cv2.resize(img, (w, h), interpolation=interp)
-        out = torch.from_numpy(np.ascontiguousarray(out if out.ndim == 3 else out[..., None])).permute(2, 0, 1)
-        return F.pad(out.float()[None], (0, -w % self.multiple, 0, -h % self.multiple), mode="replicate")[0]
+        """Resize to ``size`` (h, w), pad right/bottom to the multiple (cropped off afterwards); (C, H, W). The
+        same function as ``PerceptionPipeline``'s (``diffperc.predict``)."""
+        return fit_image(img, size, self.multiple, nearest)
 
     def __getitem__(self, index: int) -> dict:
         name, paths = self.items[index]
         try:
             first, (h0, w0), factor = self._read(paths[0], cv2.IMREAD_COLOR)
-            scale = self.resolution / max(h0, w0)
-            size = (max(1, round(h0 * scale)), max(1, round(w0 * scale)))
+            size = processing_size(h0, w0, self.resolution)
             # BGR -> RGB after resizing: flipping the channels of a full-size input would copy all of it.
-            sample = {"image": self._fit(first, size).flip(0) / 127.5 - 1}
+            sample = {"image": to_model_range(self._fit(first, size).flip(0))}
             if self.layout == "pairs":
                 second, second_size, _ = self._read(paths[1], cv2.IMREAD_COLOR, factor)
                 if second_size != (h0, w0):
                     raise _Unreadable(f"Frames {paths[0]} and {paths[1]} differ in size; skipped")
-                sample["image2"] = self._fit(second, size).flip(0) / 127.5 - 1
+                sample["image2"] = to_model_range(self._fit(second, size).flip(0))
             elif self.layout == "masks":
                 mask, mask_size, _ = self._read(paths[1], cv2.IMREAD_GRAYSCALE, factor)
                 if mask_size != (h0, w0):
                     raise _Unreadable(f"Mask {paths[1]} does not match image {paths[0]} in size; skipped")
-                sample["visible_mask"] = (self._fit(mask, size, nearest=True) > 127).float()
+                sample["visible_mask"] = visible_mask(self._fit(mask, size, nearest=True))
         except _Unreadable as err:
             return self._placeholder(name, str(err))
         sample.update(name=name, orig_size=torch.tensor([h0, w0]), resized_size=torch.tensor(size), error="")
@@ -233,33 +222,3 @@ class ImageFolder(Dataset):
         elif self.layout == "masks":
             sample["visible_mask"] = torch.zeros(1, side, side)
         return sample
-
-
-def _truncated_jpeg(data: bytes) -> bool:
-    """A JPEG whose last scan (SOS marker 0xFFDA) is not followed by the end-of-image marker 0xFFD9. Entropy-coded
-    data never holds 0xFFD9, and an EXIF thumbnail's own end marker comes before the main image's scan."""
-    return data.rfind(b"\xff\xd9") < max(data.rfind(b"\xff\xda"), 2)
-
-
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(H, W) as stored in a PNG or JPEG header, without decoding; None for other formats or a header it can't parse."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        if data[12:16] != b"IHDR" or len(data) < 24:
-            return None  # a broken header: left to the decoder, which reports the file unreadable
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 9 <= len(data):  # walk the marker segments up to the frame header (SOF0..SOF15 but DHT, JPG, DAC)
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
-        else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None

@@ -4,13 +4,13 @@ A textured background and 2-5 textured shapes (ellipses, rectangles, diamonds) e
 affine motion (translation, rotation and scaling about the shape's centre). Frame 2 is the frame-1 layers warped by
 their motions, rendered exactly by inverse-mapping every frame-2 pixel into each layer's texture (no resampling),
 and the flow of a frame-1 pixel is the motion of the topmost layer there. Try it: ``python -m
-diffperc.data.procedural_flow`` prints samples/s.
+diffperc.data.procedural.flow`` prints flow-magnitude quantiles.
 """
 
 import numpy as np
 import torch
 
-from diffperc.data.procedural import ProceduralDataset, signed_chw
+from diffperc.data.procedural.base import ProceduralDataset, signed_chw
 
 # Motion statistics in units of the image's long side (so every resolution sees the same scenes). FlyingChairs'
 # median flow is about 2% of its 512 px width with a long tail; these give a median of ~2.6% and a 99th percentile
@@ -67,8 +67,11 @@ def shape_inverse_pose(centre: np.ndarray, half_axes: np.ndarray, theta: np.ndar
 def shape_masks(coords: np.ndarray, kinds: np.ndarray) -> np.ndarray:
     """Inside tests (L, P) for canonical coordinates (L, 2, P): kind 0 ellipse, 1 rectangle, 2 diamond."""
     a = np.abs(coords)
-    metric = np.where(kinds[:, None] == 0, coords[:, 0] ** 2 + coords[:, 1] ** 2,
-                      np.where(kinds[:, None] == 1, np.maximum(a[:, 0], a[:, 1]), a[:, 0] + a[:, 1]))
+    metric = np.where(
+        kinds[:, None] == 0,
+        coords[:, 0] ** 2 + coords[:, 1] ** 2,
+        np.where(kinds[:, None] == 1, np.maximum(a[:, 0], a[:, 1]), a[:, 0] + a[:, 1]),
+    )
     return metric < 1
 
 

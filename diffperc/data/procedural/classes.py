@@ -1,12 +1,12 @@
 """Procedural class-conditional images (10 classes of shapes and textures) for pretraining on the embedded default.
 
 Sample ``i`` of a split is drawn from ``split_rng(seed, split, i)`` and has class ``i % num_classes``: no files, same
-pixels on every machine. Try it: ``python -m diffperc.data.procedural_classes`` prints samples/s.
+pixels on every machine. Samples/s: ``python benchmarks/bench_data.py``.
 """
 
 import numpy as np
 
-from diffperc.data.procedural import ProceduralDataset, signed_chw
+from diffperc.data.procedural.base import ProceduralDataset, signed_chw
 
 CLASS_NAMES = ("disc", "square", "triangle", "ring", "cross", "h_stripes", "v_stripes", "diagonal", "checker", "dots")
 
@@ -78,8 +78,14 @@ class ProceduralClasses(ProceduralDataset):
         num_classes: Use the first ``num_classes`` of the 10 classes.
     """
 
-    def __init__(self, split: str = "train", length: int = 10000, resolution: int | tuple[int, int] = 32,
-                 seed: int = 0, num_classes: int = len(CLASS_NAMES)):
+    def __init__(
+        self,
+        split: str = "train",
+        length: int = 10000,
+        resolution: int | tuple[int, int] = 32,
+        seed: int = 0,
+        num_classes: int = len(CLASS_NAMES),
+    ):
         super().__init__(split, length, resolution, seed)
         if not 1 <= num_classes <= len(CLASS_NAMES):
             raise ValueError(f"`num_classes` must be in [1, {len(CLASS_NAMES)}], got {num_classes}")

@@ -98,7 +98,7 @@ def center_crop_arr(image: np.ndarray, image_size: int) -> np.ndarray:
     image = pil_resize(image, (round(image.shape[0] * scale), round(image.shape[1] * scale)), "bicubic")
     top = (image.shape[0] - image_size) // 2
     left = (image.shape[1] - image_size) // 2
-    return image[top: top + image_size, left: left + image_size]
+    return image[top : top + image_size, left : left + image_size]
 
 
 class ImageNetFolder(Dataset):
@@ -120,8 +120,10 @@ class ImageNetFolder(Dataset):
             raise ValueError(f"`resolution` must be positive, got {resolution}")
         self.folder = Path(root) / split
         if not self.folder.is_dir():
-            raise FileNotFoundError(f"ImageNet split folder not found: {self.folder} (`root`={root!r}, "
-                                    f"`split`={split!r}); expected {self.folder}/<class>/*.JPEG")
+            raise FileNotFoundError(
+                f"ImageNet split folder not found: {self.folder} (`root`={root!r}, "
+                f"`split`={split!r}); expected {self.folder}/<class>/*.JPEG"
+            )
         self.resolution, self.flip = resolution, flip
         self.classes, self.files, self.labels = _scan(self.folder)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
@@ -157,17 +159,22 @@ def _scan(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     if not classes:
         loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
         if loose:
-            raise ValueError(f"{folder} holds {len(loose)} images (e.g. {loose[0]}) but no class folders: expected "
-                             f"{folder}/<class>/<image> (ImageNet's flat val folder must first be sorted into one "
-                             "folder per class)")
+            raise ValueError(
+                f"{folder} holds {len(loose)} images (e.g. {loose[0]}) but no class folders: expected "
+                f"{folder}/<class>/<image> (ImageNet's flat val folder must first be sorted into one "
+                "folder per class)"
+            )
         raise ValueError(f"{folder} is empty: expected one folder per class holding its images")
     files, labels = [], []
     for label, name in enumerate(classes):
-        names = sorted(e.name for e in os.scandir(folder / name)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+        names = sorted(
+            e.name for e in os.scandir(folder / name) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)
+        )
         if not names:
-            raise ValueError(f"Class folder {folder / name} holds no images ({', '.join(IMAGE_SUFFIXES)}); remove it "
-                             "or fill it, since class indices come from the sorted folder list")
+            raise ValueError(
+                f"Class folder {folder / name} holds no images ({', '.join(IMAGE_SUFFIXES)}); remove it "
+                "or fill it, since class indices come from the sorted folder list"
+            )
         files.extend(names)
         labels.extend([label] * len(names))
     return classes, np.array([f.encode() for f in files], dtype=bytes), np.array(labels, dtype=np.int64)

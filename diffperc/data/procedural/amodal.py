@@ -3,14 +3,14 @@
 A textured background holds overlapping textured shapes (ellipses, rectangles, diamonds) painted back to front; one
 of them, the target, is partly hidden by 1-2 shapes in front of it. Samples give the occluded scene, the target's
 visible mask, the whole target rendered on white and its exact amodal mask. Try it: ``python -m
-diffperc.data.procedural_amodal`` prints samples/s.
+diffperc.data.procedural.amodal`` prints the mean visible / whole area (the visible-mask baseline's IoU).
 """
 
 import numpy as np
 import torch
 
-from diffperc.data.procedural import ProceduralDataset, signed_chw
-from diffperc.data.procedural_flow import (
+from diffperc.data.procedural.base import ProceduralDataset, signed_chw
+from diffperc.data.procedural.flow import (
     pick_layer_rows,
     pixel_grid,
     sample_textures,
@@ -54,7 +54,7 @@ def render_amodal_scene(rng: np.random.Generator, h: int, w: int) -> dict:
         # Occluders sit around the target's rim so they hide part of it, not all of it.
         direction = rng.uniform(0, 2 * np.pi, n_front)
         reach = rng.uniform(0.6, 1.4, n_front) * half_axes[j].mean()
-        centre[j + 1:] = centre[j] + reach[:, None] * np.stack([np.cos(direction), np.sin(direction)], -1)
+        centre[j + 1 :] = centre[j] + reach[:, None] * np.stack([np.cos(direction), np.sin(direction)], -1)
         theta = rng.uniform(0, 2 * np.pi, L)
         kinds = rng.integers(0, 3, L)
         tex = sample_textures(rng, L, max_value=MAX_OBJECT_VALUE)

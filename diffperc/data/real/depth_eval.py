@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from diffperc.data.io import check_finite
-from diffperc.data.real import DepthListDataset
+from diffperc.data.real.common import missing_data
+from diffperc.data.real.depth import DepthListDataset
 
 Resolution = int | tuple[int, int] | None
 
@@ -81,6 +82,7 @@ class KITTIDataset(DepthListDataset):
     """
 
     depth_scale = 256.0  # KITTI stores metres * 256
+    crops = True  # the benchmark crop cuts image and depth alike
     _BENCHMARK_HW = (352, 1216)
     # (top, bottom, left, right) as fractions of the ground-truth size; the constants of the usual KITTI eval code.
     _EVAL_CROPS = {
@@ -272,7 +274,10 @@ class DIODEDataset(DepthListDataset):
 
     def _valid_mask(self, depth: np.ndarray, fields: list[str]) -> np.ndarray:
         mask_path = self.root / fields[2]
-        mask = self._load_npy(mask_path, "depth mask")
+        try:
+            mask = self._load_npy(mask_path, "depth mask")
+        except FileNotFoundError as err:  # as `_read` does for the image and the depth
+            raise missing_data(self.layout, f"{err} (listed in {self.filename_list}, under `root`)") from None
         if mask.shape != depth.shape:
             raise ValueError(f"DIODE depth mask {mask_path} is {mask.shape} but its depth is {depth.shape}")
         return mask > 0
