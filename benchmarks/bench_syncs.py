@@ -130,7 +130,7 @@ def run(size: str = "full") -> Section:
         "",
         *sites,
     ]
-    return Section("Host syncs per step", "\n".join(body))
+    return Section("(h) Host syncs per step", "\n".join(body))
 
 
 if __name__ == "__main__":

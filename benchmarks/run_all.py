@@ -23,6 +23,7 @@ import bench_ensemble  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_moe  # noqa: E402
 import bench_quickstart  # noqa: E402
+import bench_syncs  # noqa: E402
 import bench_train_step  # noqa: E402
 from common import (  # noqa: E402
     OMP_NOTE,
@@ -44,6 +45,8 @@ TITLES = {
     "d": "(d) Procedural data generators",
     "e": "(e) Quickstart end to end",
     "f": "(f) GPU: DiT-XL/2 512 px bf16",
+    "g": "(g) Real-data readers, latent cache and loader workers",
+    "h": "(h) Host syncs per step",
 }
 _BUDGET_S = 600
 _MOE_ARGS = {
@@ -90,6 +93,8 @@ def _runners(args: argparse.Namespace) -> dict:
         "d": lambda: bench_data.run(size),
         "e": lambda: bench_quickstart.run(size, args.fit_steps),
         "f": lambda: bench_gpu.run(size),
+        "g": lambda: bench_data.run_readers(size),
+        "h": lambda: bench_syncs.run(size),
     }
 
 
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_size_args(parser)  # --quick: real widths, small batches (minutes); --tiny: tiny models (seconds)
     parser.add_argument("--out", default=str(HERE / "results.md"), help="Markdown file to write")
-    parser.add_argument("--only", default="abcdef", help="Sections to run, e.g. 'a,c' (default: all)")
+    parser.add_argument("--only", default="abcdefgh", help="Sections to run, e.g. 'a,c' (default: all)")
     parser.add_argument("--compile", default="t3", help="(a): shapes to torch.compile: none, all, t3, t6 or DiT-S/2")
     parser.add_argument(
         "--fit-steps", type=int, default=None, help="(e): fit steps (default 200; 20 with --quick, 2 with --tiny)"

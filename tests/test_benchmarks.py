@@ -1,5 +1,6 @@
 """Benchmark suite: helpers on toy inputs, and ``run_all.py --tiny`` running every section once on tiny models."""
 
+import json
 import math
 import operator
 import os
@@ -21,6 +22,8 @@ SECTIONS = [
     "## (d) Procedural data generators",
     "## (e) Quickstart end to end",
     "## (f) GPU: DiT-XL/2 512 px bf16",
+    "## (g) Real-data readers, latent cache and loader workers",
+    "## (h) Host syncs per step",
 ]
 # Table columns that hold times, rates or FLOPs: > 0 and finite (differences may be 0 or negative).
 POSITIVE = {
@@ -192,7 +195,8 @@ def test_run_all_tiny_writes_every_section_atomically(tiny_run, results):
     for heading in SECTIONS[2:7]:
         for row in (row for table in _tables(_section(results, heading)) for row in table):
             assert all(0 < _num(row[c]) < math.inf for c in POSITIVE & row.keys()), (heading, row)
-    assert ("no GPU on this machine" in _section(results, SECTIONS[-1])) != torch.cuda.is_available()
+    gpu = _section(results, "## (f) GPU: DiT-XL/2 512 px bf16")
+    assert ("no GPU on this machine" in gpu) != torch.cuda.is_available()
 
 
 def test_run_all_tiny_train_step_rates_are_flops_over_measured_times(results):
@@ -261,3 +265,21 @@ def test_run_all_tiny_goals_show_section_numbers_and_follow_targets(results):
         value, bound = _num(goal["measured"]), float(bound)
         if value != pytest.approx(bound, rel=0.01):  # a value rounded onto the bound may go either way
             assert goal["status"] == ("met" if compare[op](value, bound) else "not met"), goal
+
+
+def test_bench_gpu_tiny_runs_every_section_and_its_rates_follow_from_its_times(tmp_path, bench):
+    # The one-command device check, on the CPU at tiny sizes: training MFU inputs, ensembles and both MoE paths.
+    import bench_gpu
+
+    out = tmp_path / "gpu.md"
+    bench_gpu.main(["--tiny", "--device", "cpu", "--out", str(out), "--no-compile"])
+    record = json.loads(out.with_suffix(".json").read_text())
+    train = record["training"][0]
+    assert train["achieved_flops"] == pytest.approx(train["train_flops"] / train["step_s"], rel=1e-9)
+    assert train["images_per_s"] == pytest.approx(train["batch"] / train["step_s"], rel=1e-9)
+    for row in record["ensemble"]:
+        assert row["speedup"] == pytest.approx(row["one_by_one_s"] / row["batched_s"], rel=1e-9)
+        assert row["max_abs_diff"] == 0  # batching never changes a member
+    moe = record["moe"][0]["results"]
+    assert moe["ours, capacity 1.25 (padded bmm)"]["syncs"] == 0 and moe["dense, same active MACs"]["syncs"] == 0
+    assert "Row for the README's GPU table" in out.read_text()
