@@ -1,21 +1,21 @@
 """Every shipped config runs through the real CLI and Lightning path: ``fit`` for 2 steps (validation included, so
 under inference mode), then ``test`` and ``predict`` (``validate`` for pretraining) from the checkpoint it wrote.
 
-Sizes, paths and devices are shrunk by ``tiny_runs.shrink``; every other value (task, codec, schedule, prediction
-type, reducer, ensembling, strategy, precision, MoE layout, init_from kind) is the config's own. Recipes that
-continue another one (``init_from: runs/depth_xl/...``) start from that recipe's toy run.
+Each recipe runs as its header says, composed with the files it names (``# base:``, ``tiny_runs.config_args``); the
+``base.yaml`` files are no run of their own and are covered through the recipes built on them
+(``tiny_runs.runnable_configs``). Sizes, paths and devices are shrunk by ``tiny_runs.shrink``; every other value (task,
+codec, schedule, prediction type, reducer, ensembling, strategy, precision, MoE layout, init_from kind) is the config's
+own. Recipes that continue another one (``init_from: runs/depth_xl/...``) start from that recipe's toy run.
 """
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
 import tiny_runs
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+CONFIGS = tiny_runs.runnable_configs()
 
 #: Configs no CPU can run, with the device they need.
 NEEDS_DEVICE = {

@@ -149,10 +149,18 @@ def make_assets(folder: Path) -> Assets:
 #                                        Resolving and shrinking a recipe
 # --------------------------------------------------------------------------------------------------------------------
 def config_args(config: Path) -> list[str]:
-    """``--config`` arguments for a shipped YAML: an override file names its base(s) on line 1 (``# base: ...``)."""
+    """``--config`` arguments for a shipped YAML: a delta file names the files that go before it, in order, on line 1
+    (``# base: configs/depth_xl.yaml, configs/generalist_xl.yaml``)."""
     first = config.read_text().splitlines()[0] if config.read_text() else ""
     bases = [ROOT / b.strip() for b in first.removeprefix("# base:").split(",")] if first.startswith("# base:") else []
     return [arg for path in [*bases, config] for arg in ("--config", str(path))]
+
+
+def runnable_configs() -> list[str]:
+    """Every shipped recipe, as a path relative to the repository: each YAML under ``configs/`` except the ``base.yaml``
+    files, which hold what a folder's recipes share and are no run on their own (a run = its ``config_args``)."""
+    paths = (ROOT / "configs").rglob("*.yaml")
+    return sorted(p.relative_to(ROOT).as_posix() for p in paths if p.name != "base.yaml")
 
 
 class Recipes:
@@ -179,7 +187,7 @@ class Recipes:
         the same file of that recipe's toy run (fitted on first use)."""
         if self._by_run_name is None:
             self._by_run_name = {}
-            for config in sorted((ROOT / "configs").rglob("*.yaml")):
+            for config in map(ROOT.joinpath, runnable_configs()):
                 logger = compose(config_args(config)).get("trainer", {}).get("logger")
                 if isinstance(logger, dict) and config.parent.name != "trainer" and config.name != "debug.yaml":
                     name = logger["init_args"]["name"]
