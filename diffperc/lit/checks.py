@@ -8,6 +8,7 @@ The CLI calls ``check_before_run`` before anything is written; ``PerceptionFinet
 (``on_load_checkpoint``, ``setup``) for runs started from Python.
 """
 
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -42,11 +43,44 @@ _MOE_FIELDS = {
 }
 
 
+_MISSING = object()  # an attribute that is absent, or not a plain value
+
+
+def constructor_record(obj) -> dict:
+    """``{"class_path", "init_args"}`` that rebuild ``obj`` (a task, a codec): each argument of its class's
+    ``__init__`` that ``obj`` keeps as an attribute of the same name, as a plain value (numbers, strings, lists). An
+    argument it keeps under another name, or as an object, is left out: ``diffperc export`` takes those from the run's
+    ``config.yaml`` (see ``diffperc.export``)."""
+    cls = type(obj)
+    init_args = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        value = _plain_value(getattr(obj, name, _MISSING))
+        if value is not _MISSING:
+            init_args[name] = value
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def _plain_value(value):
+    """``value`` as JSON-like containers (tuples become lists), or ``_MISSING`` if it holds anything else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain_value(v) for v in value]
+        return _MISSING if any(v is _MISSING for v in items) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _plain_value(v) for k, v in value.items()}
+        return _MISSING if any(v is _MISSING for v in items.values()) else items
+    return _MISSING
+
+
 def codec_record(codec) -> dict:
     """What identifies a codec's latent space: class, latent channels, downsample factor, and for a VAE its latent
-    scale and folder."""
+    scale and folder; plus the constructor arguments the codec keeps (``init_args``, see `constructor_record`)."""
     record = {
         "class": f"{type(codec).__module__}.{type(codec).__qualname__}",
+        "init_args": constructor_record(codec)["init_args"],
         "latent_channels": int(codec.latent_channels),
         "downsample": int(codec.downsample),
     }
@@ -59,13 +93,14 @@ def codec_record(codec) -> dict:
 
 
 def module_record(module) -> dict:
-    """The ``diffperc`` record a fine-tuning checkpoint carries: what rebuilds its network without the config (used
-    by ``diffperc export`` and ``load_pretrained``) and what a model loading it must match."""
+    """The ``diffperc`` record a fine-tuning checkpoint carries: what rebuilds its network and its tasks without the
+    config (used by ``diffperc export`` and ``load_pretrained``) and what a model loading it must match."""
     return {
         "dit_config": module.net.config,
         "moe": moe_config(module.net),
         "task": module.task.name,
         "tasks": [t.name for t in module.tasks],
+        "task_args": [constructor_record(t) for t in module.tasks],
         "task_routes": getattr(module.net.x_embedder, "in_channels", None),
         "diffusion": asdict(module.diffusion),
         "codec": codec_record(module.codec),
