@@ -4,7 +4,6 @@ To run: ``diffperc download DiT-XL/2-256`` (or ``DiT-XL/2-512``, ``facebook/DiT-
 ``stabilityai/sd-vae-ft-mse``). It prints the flag to pass, e.g. ``--model.init_args.init_from <path>``, on stdout.
 """
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -267,24 +266,10 @@ def config_flags(folder: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="diffperc download",
-        description="Fetch pretrained weights and print the flag that uses them (on stdout; messages on stderr).",
-    )
-    parser.add_argument(
-        "name",
-        help=f"an official checkpoint ({', '.join(OFFICIAL)}) or a Hugging Face Hub id "
-        "(facebook/DiT-XL-2-256, stabilityai/sd-vae-ft-mse)",
-    )
-    parser.add_argument(
-        "--out",
-        help=f"folder for an official checkpoint (default {default_dir()}: $HF_HOME/diffperc, else ~/.cache/diffperc),"
-        " or the Hugging Face cache folder for a Hub id (default: HF_HUB_CACHE / HF_HOME/hub)",
-    )
-    parser.add_argument("--subfolder", help="Hub id only: fetch just this folder (e.g. transformer)")
-    parser.add_argument("--revision", help="Hub id only: branch, tag or commit (default main)")
-    args = parser.parse_args(argv)
+    """``diffperc download NAME [--out DIR]``; its flags are declared in ``diffperc.cli``."""
+    from diffperc.cli import parse_command
 
+    args = parse_command("download", argv)
     if official_release(args.name) is not None:
         path, digest, verified = fetch_official(args.name, args.out)
         if verified:

@@ -1,10 +1,9 @@
 """Upcycles a dense checkpoint into a mixture-of-experts checkpoint that ``diffperc fit`` accepts as ``init_from``.
 
-To run: ``diffperc upcycle --src runs/quickstart_depth/checkpoints/last.ckpt --out moe.ckpt --num_experts 8
+To run: ``diffperc upcycle --ckpt_path runs/quickstart_depth/checkpoints/last.ckpt --out moe.ckpt --num_experts 8
 --top_k 2``, then ``diffperc fit --config configs/quickstart/depth_upcycle.yaml --model.init_from moe.ckpt``.
 """
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ def upcycle_checkpoint(
     as a checkpoint holding ``state_dict`` (keys ``net.*``) and the ``diffperc`` metadata of fine-tuning runs."""
     src, out = Path(src), Path(out)
     if infer_moe_config(read_network_state(src)) is not None:
-        raise ValueError(f"`--src` {src} is already a mixture of experts")
-    found = network_from_checkpoint(src, "--src")
+        raise ValueError(f"`--ckpt_path` {src} is already a mixture of experts")
+    found = network_from_checkpoint(src, "--ckpt_path")
     torch.manual_seed(seed)  # the router's initialisation
     moe = upcycle(found.net, num_experts, top_k, balance_loss_coef=balance_loss_coef, router_init_std=router_init_std)
     record = {
@@ -45,19 +44,14 @@ def upcycle_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="diffperc upcycle", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True, help="dense checkpoint (diffperc .ckpt, DiT .pt or .safetensors)")
-    parser.add_argument("--out", required=True, help="output checkpoint path")
-    parser.add_argument("--num_experts", type=int, default=8, help="experts E per block (default 8)")
-    parser.add_argument("--top_k", type=int, default=2, help="experts per token k (default 2)")
-    parser.add_argument("--balance_loss_coef", type=float, default=0.01)
-    parser.add_argument("--router_init_std", type=float, default=0.02)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
-    args = parser.parse_args(argv)
+    """``diffperc upcycle --ckpt_path DENSE --out MOE ...``; its flags are declared in ``diffperc.cli``."""
+    from diffperc.cli import parse_command
+
+    args = parse_command("upcycle", argv)
     if not 1 <= args.top_k <= args.num_experts:
-        parser.error(f"--top_k must be in 1..--num_experts ({args.num_experts}), got {args.top_k}")
+        raise ValueError(f"`--top_k` must be in 1..`--num_experts` ({args.num_experts}), got {args.top_k}")
     path = upcycle_checkpoint(
-        args.src, args.out, args.num_experts, args.top_k, args.balance_loss_coef, args.router_init_std, args.seed
+        args.ckpt_path, args.out, args.num_experts, args.top_k, args.balance_loss_coef, args.router_init_std, args.seed
     )
     print(
         f"Wrote {path} ({args.num_experts} experts, top-{args.top_k}); fine-tune it with "

@@ -48,7 +48,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], clean_st
         # torch.save reports a failed write as a RuntimeError from its zip writer, naming no file.
         raise OSError(disk.errno, f"{disk.strerror or disk} while writing {path}: any previous {path.name} is kept, "
                                   "the partial file was removed") from err
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     if clean_stale:
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
@@ -70,7 +70,8 @@ def _disk_error(err: BaseException) -> OSError | None:
     return None
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_path(folder: Path) -> None:
+    """fsyncs a file or folder (a folder: so a rename in it is durable); a no-op where the platform can't."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # some platforms and file systems cannot open folders

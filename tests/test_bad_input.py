@@ -36,8 +36,8 @@ from diffperc.data import (
     Pix2GestaltDataset,
     ProceduralDepth,
 )
-from diffperc.data.images import output_names
 from diffperc.data.io import read_depth_png, read_flo, read_rgb, write_flo
+from diffperc.data.real.images import output_names
 from diffperc.diffusion import InferenceSettings
 from diffperc.export import export_checkpoint
 from diffperc.lit import ExponentialDecayLR, PerceptionFinetuning

@@ -152,7 +152,7 @@ def test_sweep_tts_of_a_checkpoint_for_another_task_fails_naming_it(recipes, tmp
     ckpt = flow_run / "checkpoints" / "last.ckpt"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         with contextlib.suppress(SystemExit):  # a sweep with a failed point may end with a non-zero status
-            sweep_main(["tts", "--config", str(amodal_config), "--checkpoint", str(ckpt), "--steps", "1",
+            sweep_main(["tts", "--base", str(amodal_config), "--ckpt_path", str(ckpt), "--steps", "1",
                         "--ensemble", "1", "--out", str(tmp_path / "tts")])
     rows = [json.loads(line) for line in (tmp_path / "tts" / "results.jsonl").read_text().splitlines()]
     assert [(r["status"], r["step"]) for r in rows] == [("failed", "tts")]
@@ -240,8 +240,8 @@ def test_export_of_a_checkpoint_whose_record_does_not_fit_its_weights_names_the_
     with pytest.raises(ValueError) as info:
         export_checkpoint(ckpt, tmp_path / "depth.safetensors")
     assert str(info.value) == (
-        f"`--ckpt` {ckpt}: the weights do not match the network the checkpoint records: `hidden_size` is 32 in the "
-        "weights, 64 in the recorded network"
+        f"`--ckpt_path` {ckpt}: the weights do not match the network the checkpoint records: `hidden_size` is 32 in "
+        "the weights, 64 in the recorded network"
     )
     assert _files(tmp_path) == before
 
@@ -253,8 +253,8 @@ def test_upcycle_of_a_checkpoint_whose_record_does_not_fit_its_weights_names_the
     with pytest.raises(ValueError) as info:
         upcycle_checkpoint(ckpt, tmp_path / "moe.ckpt", num_experts=4, top_k=2)
     assert str(info.value) == (
-        f"`--src` {ckpt}: the weights do not match the network the checkpoint records: `depth` is 1 in the weights, "
-        "3 in the recorded network"
+        f"`--ckpt_path` {ckpt}: the weights do not match the network the checkpoint records: `depth` is 1 in the "
+        "weights, 3 in the recorded network"
     )
     assert _files(tmp_path) == before
 

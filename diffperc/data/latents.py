@@ -1,6 +1,6 @@
 """Latent caching: encode a data set once through the frozen codec into ``.safetensors`` shards, then train on them.
 
-To run: ``diffperc cache-latents --config configs/pretrain/a4.yaml --out /data/latents/in256`` (the training config's
+To run: ``diffperc cache-latents --base configs/pretrain/base.yaml --out /data/latents/in256`` (the training config's
 ``data.init_args.train`` and ``model.init_args.codec`` are used), then train with ``diffperc.data.latents.LatentCache``
 as the data set. Each shard holds ``latent`` (and ``latent_flip``, the horizontally flipped image's latent) and
 ``label``; ``manifest.json`` describes them. Shards are written atomically, so an interrupted run resumes by skipping
@@ -200,7 +200,7 @@ class LatentCache(Dataset):
         if not path.is_file():
             raise FileNotFoundError(
                 f"No latent cache in {self.root}: {MANIFEST} is missing (`root`); create one with "
-                "`diffperc cache-latents --config <training config> --out <folder>`"
+                "`diffperc cache-latents --base <training config> --out <folder>`"
             )
         self.manifest = json.loads(path.read_text())
         if self.manifest.get("format") != FORMAT:

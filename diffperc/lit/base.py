@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, RichProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from diffperc.codecs import Codec, PixelCodec
@@ -155,6 +156,20 @@ class DiffusionModule(LightningModule):
         self.log("train/moe_aux_loss", aux, batch_size=batch_size)
         return loss + aux
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # `train/grad_norm` (L2 over every gradient, after accumulation and before clipping) on the logging interval
+        # only: reading it back is a host sync. Sharded gradients (FSDP) hold only this rank's part: not logged.
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        trainer = self._trainer
+        if trainer is None or not trainer._logger_connector.should_update_logs:
+            return
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            return
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
     def configure_model(self) -> None:
         # FSDP2 under ModelParallelStrategy: shard each DiT block, then the root (idempotent: Lightning may call twice).
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -174,22 +189,40 @@ class DiffusionModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- callbacks
-    def default_callbacks(self) -> list[Callback]:
-        """The callbacks every run of this module gets unless the trainer already has one of the same type."""
-        from diffperc.callbacks import MACsCounter, StepProgressBar, TrainingThroughput
+    @classmethod
+    def default_callbacks(cls, hparams: dict, progress_bar: bool = True) -> list[dict]:
+        """The callbacks every run of this module gets unless the trainer already has one of the same class, as
+        ``trainer.callbacks`` entries (``class_path`` and ``init_args``).
 
+        A function of the module's init arguments, so that the ``diffperc`` command lists them in the config it
+        prints (``--print_config``) and saves (``config.yaml``) before the module exists, and runs them as trainer
+        callbacks; ``configure_callbacks`` adds them to runs set up without the command.
+
+        Args:
+            hparams: The module's init arguments (as parsed from a config, or ``self.hparams``).
+            progress_bar: Whether the trainer would show Lightning's default progress bar, which ``StepProgressBar``
+                replaces; a user's own bar, or none, stays as it is.
+        """
         # Every fit counts its training MACs (train_macs.json, `compute/train_macs`), logs samples/s (and MFU where
         # the device's peak is known) and shows its progress in optimizer steps of `max_steps`.
-        callbacks = [MACsCounter(), TrainingThroughput()]
-        bar = self._trainer.progress_bar_callback if self._trainer is not None else None
-        if type(bar) is RichProgressBar:  # Lightning's default bar; a user's own bar, or none, stays as it is
-            callbacks.append(StepProgressBar())
+        callbacks = [
+            {"class_path": "diffperc.callbacks.MACsCounter"},
+            {"class_path": "diffperc.callbacks.TrainingThroughput"},
+        ]
+        if progress_bar and _RICH_AVAILABLE:  # without `rich`, Lightning's default is its tqdm bar: left as it is
+            callbacks.append({"class_path": "diffperc.callbacks.StepProgressBar"})
         return callbacks
 
     def configure_callbacks(self):
-        # Lightning replaces a trainer callback by a model callback of the same type: keep the user's own ones.
-        present = {type(cb) for cb in self.trainer.callbacks} if self._trainer is not None else set()
-        callbacks = [cb for cb in self.default_callbacks() if type(cb) not in present]
+        # Lightning replaces a trainer callback by a model callback of the same type: keep the user's own ones. Under
+        # the `diffperc` command the defaults are trainer callbacks already (its config lists them): none is added.
+        from lightning.pytorch.cli import instantiate_class
+
+        trainer = self._trainer
+        present = {type(cb) for cb in trainer.callbacks} if trainer is not None else set()
+        default_bar = trainer is not None and type(trainer.progress_bar_callback) is RichProgressBar
+        specs = self.default_callbacks(dict(self.hparams), progress_bar=default_bar)
+        callbacks = [cb for cb in (instantiate_class((), spec) for spec in specs) if type(cb) not in present]
         if self.ema.decay is None:
             return callbacks
         # Lightning warns whenever a module defines `configure_model`; ours shards only under ModelParallelStrategy.

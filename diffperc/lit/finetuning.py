@@ -109,7 +109,7 @@ class PerceptionFinetuning(DiffusionModule):
         self.val_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
         self.test_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
         self.baseline_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
-        self.val_visuals: torch.Tensor | None = None
+        self.val_visuals: dict[str, torch.Tensor] = {}  # task name -> (N, 3, H, W) in [0, 1]
         self._test_image_shapes: dict[str, tuple[int, int, int]] = {}
 
     # ------------------------------------------------------------------ training
@@ -215,9 +215,9 @@ class PerceptionFinetuning(DiffusionModule):
         task = self.tasks[dataloader_idx]  # one validation loader per task, in task order
         pred, _ = self.predict_batch(batch, task_id=dataloader_idx)
         task.update_metrics(self.val_metrics[task.name], pred, batch)
-        if batch_idx == 0 and dataloader_idx == 0 and self.num_images_logged > 0:
+        if batch_idx == 0 and self.num_images_logged > 0:  # every task's first batch (one loader per task)
             k = self.num_images_logged
-            self.val_visuals = task.visualize(pred[:k], {key: v[:k] for key, v in batch.items()})
+            self.val_visuals[task.name] = task.visualize(pred[:k], {key: v[:k] for key, v in batch.items()})
 
     def on_validation_epoch_end(self) -> None:
         for task in self.tasks:

@@ -1,43 +1,51 @@
 """Prints every model preset with its parameter count and forward MACs per image.
 
-To run: ``python -m diffperc.models`` (or ``diffperc models``). GPU presets are counted as in the paper, on Stable
-Diffusion VAE latents (4 channels, 1/8 resolution) at 256 and 512 px with DiT's default outputs (learn_sigma,
-1000 classes); the tiny presets in pixel space (3 channels) at 32 and 64 px. MACs are counted on the meta device.
+To run: ``diffperc models`` (or ``python -m diffperc.models``; ``diffperc models DiT-XL/2 t1`` for some). GPU presets
+are counted as in the paper, on Stable Diffusion VAE latents (4 channels, 1/8 resolution) at 256 and 512 px with
+DiT's default outputs (learn_sigma, 1000 classes); the tiny presets in pixel space (3 channels) at 32 and 64 px.
+Networks are built on the meta device; MACs come from their layers' shapes (``forward_macs``).
 """
 
-import argparse
+import sys
 import time
 
 import torch
+from torch import nn
 
-from diffperc.compute import count_macs
-from diffperc.models import MOE_PRESETS, DiT_models, SparseMoE, build_model, parameter_counts, parse_moe_suffix
+from diffperc.models import MOE_PRESETS, DiT, DiT_models, SparseMoE, build_model, parameter_counts, parse_moe_suffix
+
+
+def forward_macs(model: DiT, side: int) -> int:
+    """Forward MACs of ``model`` on one ``side`` x ``side`` latent, from its layers' shapes.
+
+    What ``diffperc.compute.count_macs`` measures (weight matmuls, the patch convolution, attention's two products;
+    elementwise ops, norms and embedding lookups are free), without running the network: the full table takes
+    seconds instead of minutes. Without a capacity factor every token uses exactly k routed (+ shared) experts, so
+    an MoE layer costs ``SparseMoE.macs_per_token`` per token.
+    """
+    tokens = (side // model.patch_size) ** 2  # T
+    linear = lambda layer: layer.in_features * layer.out_features  # noqa: E731  (per row; biases are free)
+    conv = model.x_embedder.proj
+    macs = tokens * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    macs += sum(linear(m) for m in model.t_embedder.mlp if isinstance(m, nn.Linear))  # once per image
+    for block in model.blocks:
+        macs += linear(block.adaLN_modulation[-1])  # once per image, on the conditioning vector
+        macs += tokens * (linear(block.attn.qkv) + linear(block.attn.proj))
+        macs += 2 * tokens * tokens * model.hidden_size  # Q K^T and (softmax) V, over all heads
+        mlp = block.mlp
+        macs += tokens * (mlp.macs_per_token() if isinstance(mlp, SparseMoE) else linear(mlp.fc1) + linear(mlp.fc2))
+    final = model.final_layer
+    return macs + linear(final.adaLN_modulation[-1]) + tokens * linear(final.linear)
 
 
 def _row(name: str, pixel_space: bool) -> dict:
     sizes = (32, 64) if pixel_space else (256, 512)
     channels, factor = (3, 1) if pixel_space else (4, 8)
     moe = parse_moe_suffix(name)
-    base = moe[0] if moe else name
+    cfg = DiT_models[moe[0] if moe else name]
     with torch.device("meta"):
         model = build_model(name, input_size=sizes[0] // factor, in_channels=channels)
-        dense = build_model(base, input_size=sizes[0] // factor, in_channels=channels)
-    cfg = DiT_models[base]
     total, active = parameter_counts(model)
-    macs = []
-    for size in sizes:
-        side = size // factor
-        x = torch.empty(1, channels, side, side, device="meta")
-        t = torch.zeros(1, dtype=torch.long, device="meta")
-        count = count_macs(dense, x, t, t.clone(), device="meta")
-        # Without a capacity factor every token uses exactly k routed (+ shared) experts, so an MoE model's MACs are
-        # the dense count with each dense MLP's per-token MACs replaced by the MoE layer's.
-        tokens = (side // cfg["patch_size"]) ** 2
-        for block in model.blocks:
-            if isinstance(block.mlp, SparseMoE):
-                dense_mlp = 2 * block.mlp.hidden_size * block.mlp.mlp_hidden_size
-                count += tokens * (block.mlp.macs_per_token() - dense_mlp)
-        macs.append(count)
     return dict(
         name=name,
         width=cfg["hidden_size"],
@@ -47,7 +55,7 @@ def _row(name: str, pixel_space: bool) -> dict:
         params=total,
         active=active,
         sizes=sizes,
-        macs=macs,
+        macs=[forward_macs(model, size // factor) for size in sizes],
     )
 
 
@@ -69,16 +77,22 @@ def table(names: list[str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="diffperc models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help="presets to show (default: all)")
-    args = parser.parse_args(argv)
-    unknown = [n for n in args.names if (parse_moe_suffix(n) or (n,))[0] not in DiT_models]
+    """``diffperc models [NAME ...]``; its flags are declared in ``diffperc.cli``."""
+    from diffperc.cli import parse_command
+
+    names = parse_command("models", argv).get("names") or []
+    unknown = [n for n in names if (parse_moe_suffix(n) or (n,))[0] not in DiT_models]
     if unknown:
-        parser.error(f"unknown preset(s) {unknown}; known: {', '.join(DiT_models)}")
+        raise ValueError(
+            f"Unknown preset(s) {unknown}: the presets are {', '.join(DiT_models)}, each also with an MoE suffix "
+            "such as -8E2A (8 experts, 2 active)"
+        )
     start = time.perf_counter()
-    print(table(args.names or None))
-    print(f"\n({time.perf_counter() - start:.1f} s; MACs counted on the meta device by diffperc.compute.count_macs)")
+    print(table(names or None))
+    print(f"\n({time.perf_counter() - start:.1f} s; networks on the meta device, MACs from their layers' shapes)")
 
 
 if __name__ == "__main__":
-    main()
+    from diffperc.cli import main as diffperc
+
+    diffperc(["models", *sys.argv[1:]])

@@ -1,10 +1,9 @@
 """Compute-optimal planning from a training law and a test-time law: an extrapolation, printed with its uncertainty.
 
-To run: ``diffperc laws plan --train-report runs/sweeps/tiny/model_size --tts-report runs/sweeps/tiny/inference_steps
---train-budget 1e14 --inference-budget 1e9``.
+To run: ``diffperc laws plan --train_report runs/sweeps/tiny/model_size --tts_report runs/sweeps/tiny/inference_steps
+--train_budget 1e14 --inference_budget 1e9``.
 """
 
-import argparse
 import csv
 import math
 from collections.abc import Mapping, Sequence
@@ -137,7 +136,7 @@ def plan(
         ValueError: If a law cannot be fitted, a row lacks what the plan needs, or nothing fits the inference budget.
     """
     if not (train_budget > 0 and inference_budget > 0):
-        raise ValueError("`--train-budget` and `--inference-budget` must be positive MACs")
+        raise ValueError("`--train_budget` and `--inference_budget` must be positive MACs")
     train_law, train_used = _fit(train_rows, TRAIN_X, metric, "training law")
     test_law, tts_used = _fit(tts_rows, TEST_X, metric, "test-time law")
     reference = [_passes(r, "training law") for r in train_used]
@@ -174,7 +173,7 @@ def plan(
             ))
     if not candidates:
         cheapest = min(float(r[TEST_X]) / _passes(r, "training law") for r in train_used)
-        raise ValueError(f"`--inference-budget` {inference_budget:.3g} MACs/image is below one network pass of the "
+        raise ValueError(f"`--inference_budget` {inference_budget:.3g} MACs/image is below one network pass of the "
                          f"cheapest model ({cheapest:.3g} MACs)")
     candidates.sort(key=lambda c: (c.predicted, c.test_macs))
     return Plan(metric, train_law, test_law, p0, train_budget, inference_budget, candidates[0], tuple(candidates))
@@ -217,24 +216,10 @@ def format_plan(p: Plan, train_rows: Sequence[Mapping]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``diffperc laws plan ...``."""
-    parser = argparse.ArgumentParser(prog="diffperc laws", description="Plans with fitted scaling laws.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    p = sub.add_parser(
-        "plan",
-        help="the configuration the laws predict is best under a training and an inference budget (extrapolation)",
-        description="Prints the configuration that a training law and a test-time law predict is best under the "
-        "budgets, with the predicted metric and its 95% band. This is an extrapolation beyond the measured runs.",
-        epilog=PLAN_DOC,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--train-report", required=True, help="a training sweep's --out folder (or its report folder)")
-    p.add_argument("--tts-report", required=True, help="a test-time sweep's --out folder (or its report folder)")
-    p.add_argument("--train-budget", type=float, required=True, help="training MACs to spend")
-    p.add_argument("--inference-budget", type=float, required=True, help="test MACs per image to spend at most")
-    p.add_argument("--metric", help="row key to minimise (default: test/<task>/abs_rel if present, else the first "
-                   "test/... key both sweeps have)")
-    args = parser.parse_args(argv)
+    """``diffperc laws plan ...``; the flags are declared in ``diffperc.cli`` (its help prints ``PLAN_DOC``)."""
+    from diffperc.cli import parse_command
+
+    args = parse_command("laws", argv).plan
     train_rows, tts_rows = load_rows(args.train_report), load_rows(args.tts_report)
     metric = args.metric
     if metric is None:

@@ -1,13 +1,12 @@
 """Scaling sweeps: base configs x a grid of CLI overrides, run point by point, then power-law fits and a report.
 
-To run: ``diffperc sweep run sweeps/tiny/model_size.yaml`` (``--dry-run`` prints the plain ``diffperc fit/test``
+To run: ``diffperc sweep run sweeps/tiny/model_size.yaml`` (``--dry_run`` prints the plain ``diffperc fit/test``
 command lines), ``diffperc sweep report FILE --out DIR`` (collect after a SLURM run), and
-``diffperc sweep tts --config CFG --checkpoint CKPT --steps 1 2 5 --ensemble 1 2 5`` (test-time grid).
+``diffperc sweep tts --base CFG --ckpt_path CKPT --steps 1 2 5 --ensemble 1 2 5`` (test-time grid).
 The pieces: ``spec`` (sweep files, points), ``launch`` (command lines, local runs), ``resume``, ``slurm``,
 ``results`` (rows) and ``report``; their public names are importable from here too.
 """
 
-import argparse
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,7 +83,7 @@ Keys in x, metrics and group_by may be written with or without `init_args`.
 """
 
 
-def _tts_sweep(args: argparse.Namespace) -> Sweep:
+def _tts_sweep(args) -> Sweep:
     grid = {"model.inference.num_steps": args.steps, "model.inference.ensemble_size": args.ensemble}
     overrides = {}
     for item in args.set or []:
@@ -92,51 +91,26 @@ def _tts_sweep(args: argparse.Namespace) -> Sweep:
         if not sep:
             raise SystemExit(f"`--set {item}`: expected KEY=VALUE")
         overrides[key] = yaml.safe_load(value)
-    data = {"base": args.config, "command": "tts", "checkpoint": args.checkpoint, "grid": grid, "set": overrides,
+    data = {"base": args.base, "command": "tts", "checkpoint": args.ckpt_path, "grid": grid, "set": overrides,
             "metrics": args.metrics or []}
     sweep = parse_sweep(data)
-    return replace(sweep, name="tts", out=args.out or str(Path(args.checkpoint).resolve().parent.parent / "tts"))
+    return replace(sweep, name="tts", out=args.out or str(Path(args.ckpt_path).resolve().parent.parent / "tts"))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``diffperc sweep {run,report,tts} ...``."""
-    parser = argparse.ArgumentParser(
-        prog="diffperc sweep",
-        description="Scaling sweeps: expand a grid of overrides into `diffperc fit/test` runs, run them, fit laws.",
-        epilog=SWEEP_DOC,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="action", required=True)
-    run = sub.add_parser("run", help="run (or print, or submit) every point, then fit and report")
-    run.add_argument("file", help="sweep YAML, e.g. sweeps/tiny/model_size.yaml")
-    run.add_argument("--out", help="output folder (default: the file's `out:` or runs/sweeps/<folder>/<stem>)")
-    run.add_argument("--dry-run", action="store_true", help="print the `diffperc fit/test` command lines only")
-    run.add_argument("--launcher", choices=("local", "inline", "slurm"), default="local",
-                     help="local: one subprocess per command; inline: in this process; slurm: an sbatch array")
-    run.add_argument("--submit", action="store_true", help="with --launcher slurm: also run sbatch")
-    run.add_argument("--upstream-dir", help="where the `from:` stage runs (default <out>/from); sweeps may share it")
-    rep = sub.add_parser("report", help="collect finished runs into results.jsonl, fit and write the report")
-    rep.add_argument("file")
-    rep.add_argument("--out")
-    rep.add_argument("--upstream-dir")
-    tts = sub.add_parser("tts", help="test one checkpoint over a (num_steps x ensemble_size) grid, in process")
-    tts.add_argument("--config", action="append", required=True, help="config YAML (repeatable, last wins)")
-    tts.add_argument("--checkpoint", required=True, help="the trained checkpoint (.ckpt) to evaluate")
-    tts.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10, 20], help="DDIM steps")
-    tts.add_argument("--ensemble", type=int, nargs="+", default=[1, 2, 5], help="ensemble sizes N")
-    tts.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override of every point (repeatable)")
-    tts.add_argument("--metrics", nargs="*", help="row keys to fit (default: every test/... metric)")
-    tts.add_argument("--out", help="output folder (default: <checkpoint's run>/tts)")
-    tts.add_argument("--dry-run", action="store_true", help="print the `diffperc test` command lines only")
-    args = parser.parse_args(argv)
+    """``diffperc sweep {run,report,tts} ...``; the flags are declared in ``diffperc.cli`` (``diffperc sweep
+    --help`` prints them with ``SWEEP_DOC``)."""
+    from diffperc.cli import parse_command
 
+    parsed = parse_command("sweep", argv)
+    action, args = parsed.action, parsed[parsed.action]
     try:
-        sweep = _tts_sweep(args) if args.action == "tts" else load_sweep(args.file)
+        sweep = _tts_sweep(args) if action == "tts" else load_sweep(args.file)
     except ValueError as err:
         raise SystemExit(str(err)) from err
     out = Path(args.out) if args.out else sweep.default_out()
-    upstream_dir = getattr(args, "upstream_dir", None)
-    if args.action == "report":
+    upstream_dir = args.get("upstream_dir")
+    if action == "report":
         report(sweep, out, upstream_dir)
         return
     if args.dry_run:
@@ -146,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             for _, argv in command_lines(point):
                 print(shell_line(argv))
         return
-    launcher = "inline" if args.action == "tts" else args.launcher
+    launcher = "inline" if action == "tts" else args.launcher
     if launcher == "slurm":
         write_slurm(sweep, out, args.submit, upstream_dir)
         return

@@ -59,6 +59,9 @@ def test_fit_logs_throughput_and_test_logs_at_the_trained_step(tmp_path):
     per_batch = 2 * count_train_macs(module.net, *module.net_inputs(batch))
     for step, flops in scalars["train/device/flops_per_sec"]:
         assert abs(flops - per_batch * batches[step]) <= 1e-3 * flops
+    # The gradient norm on every logged step (log_every_n_steps 1), positive and finite.
+    norms = scalars["train/grad_norm"]
+    assert [step for step, _ in norms] == list(range(STEPS)) and all(0 < n < float("inf") for _, n in norms)
     # Test scores land at the step the weights were trained to, not at 0; no stray hp_metric.
     assert [step for step, _ in scalars["test/depth/abs_rel"]] == [STEPS]
     assert [step for step, _ in scalars["compute/test_macs_per_sample"]] == [STEPS]

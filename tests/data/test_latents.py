@@ -137,7 +137,7 @@ def test_cache_latents_main_reads_a_training_config(tmp_path, vae_path):
     path.write_text(yaml.safe_dump(config))
     manifest = main(
         [
-            "--config",
+            "--base",
             str(path),
             "--out",
             str(tmp_path / "out"),

@@ -59,7 +59,7 @@ def test_plan_band_widens_with_extrapolation():
 
 
 def test_plan_rejects_a_budget_below_one_pass():
-    with pytest.raises(ValueError, match="inference-budget"):
+    with pytest.raises(ValueError, match=r"`--inference_budget` 5e\+05 MACs/image is below one network pass"):
         plan(_train_rows(), _tts_rows(), 1e13, 5e5, "test/depth/abs_rel")
 
 
@@ -68,8 +68,8 @@ def test_laws_plan_cli_prints_the_plan(tmp_path, capsys):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
     assert len(load_rows(tmp_path / "train")) == 3
-    main(["plan", "--train-report", str(tmp_path / "train"), "--tts-report", str(tmp_path / "tts"),
-          "--train-budget", "1e13", "--inference-budget", "3e7"])
+    main(["plan", "--train_report", str(tmp_path / "train"), "--tts_report", str(tmp_path / "tts"),
+          "--train_budget", "1e13", "--inference_budget", "3e7"])
     out = capsys.readouterr().out
     assert "EXTRAPOLATION" in out and "model.init_args.backbone.name=A" in out
     assert "num_steps=10, ensemble_size=3 (30 passes" in out

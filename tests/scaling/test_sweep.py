@@ -147,7 +147,7 @@ def test_dry_run_prints_pasteable_command_lines(tmp_path, capsys):
     odd = "it's a; $(value)"  # would break, or run, if it went through a shell unquoted
     sweep_file = tmp_path / "s.yaml"
     sweep_file.write_text(json.dumps({"base": [str(QUICKSTART)], "grid": {"model.init_args.init_from": [odd, "x"]}}))
-    main(["run", str(sweep_file), "--dry-run", "--out", str(tmp_path / "out")])
+    main(["run", str(sweep_file), "--dry_run", "--out", str(tmp_path / "out")])
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     expected = [argv for p in expand(load_sweep(sweep_file), tmp_path / "out")[1] for _, argv in command_lines(p)]
     assert [shlex.split(line) for line in lines] == [["diffperc", *argv] for argv in expected]
@@ -357,8 +357,8 @@ def test_sweep_tts_grid_on_one_checkpoint(tmp_path):
     ckpt = point.run_dir / "checkpoints" / "last.ckpt"
     # 0 steps is a bad value: those two points fail, the four others run, and then the command exits non-zero.
     with pytest.raises(SystemExit) as failure:
-        main(["tts", "--config", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
-              "--set", "model.init_args.backbone.depth=1", "--checkpoint", str(ckpt),
+        main(["tts", "--base", str(QUICKSTART), *[a for s in sets for a in ("--set", s)],
+              "--set", "model.init_args.backbone.depth=1", "--ckpt_path", str(ckpt),
               "--steps", "0", "1", "2", "--ensemble", "1", "3", "--out", str(tmp_path / "tts")])
     rows = {(r["model.inference.num_steps"], r["model.inference.ensemble_size"]): r
             for r in read_results(tmp_path / "tts" / "results.jsonl").values() if r["status"] == "ok"}
