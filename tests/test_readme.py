@@ -51,9 +51,9 @@ class _Runner:
     def __init__(self, recipes, tmp: Path):
         self.recipes, self.tmp = recipes, tmp
 
-    def _configs(self, argv: list[str]) -> tuple[list[str], list[str]]:
-        configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
-        rest = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
+    def _configs(self, argv: list[str], flag: str = "--config") -> tuple[list[str], list[str]]:
+        configs = [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+        rest = [a for i, a in enumerate(argv) if a != flag and (i == 0 or argv[i - 1] != flag)]
         return configs, rest
 
     def _recipe(self, configs: list[str]) -> tuple[Path, Path]:
@@ -113,15 +113,15 @@ class _Runner:
             assert list((run / "predictions").glob(f"*{suffix}")), sorted((run / "predictions").iterdir())
 
     def models(self, args: list[str]) -> None:
-        # The whole table counts MACs of every preset, MoE ones on real tensors (about 45 s): three presets here.
+        # Three presets, dense and MoE (the whole table builds every preset on the meta device: seconds, not needed).
         table = _quiet("models", *(args or ["t1", "a1", "DiT-S/2-8E2A"]))
         assert "| t1 " in table and "| a1 " in table and "| DiT-S/2-8E2A " in table, table
 
     def cache_latents(self, args: list[str]) -> None:
-        config = args[args.index("--config") + 1]
+        config = args[args.index("--base") + 1]
         path, _ = self.recipes.config(config)
         out = self.tmp / "latents"
-        main(["cache-latents", "--config", str(path), "--out", str(out), "--num_workers", "0", "--limit", "4"])
+        main(["cache-latents", "--base", str(path), "--out", str(out), "--num_workers", "0", "--limit", "4"])
         assert (out / "manifest.json").is_file()
 
     def upcycle(self, args: list[str]) -> None:
@@ -135,33 +135,63 @@ class _Runner:
         assert any(f".mlp.experts.{num_experts - 1}." in k for k in keys), sorted(keys)[:5]
 
     def export(self, args: list[str]) -> None:
-        from diffperc.export import load_exported
+        from diffperc import PerceptionPipeline
 
         args = self._translate(args)
         out = self.tmp / args[args.index("--out") + 1]
         args[args.index("--out") + 1] = str(out)
         main(["export", *args])
-        assert out.with_suffix(".json").is_file()
-        net = load_exported(str(out))
-        state = torch.load(args[args.index("--ckpt") + 1], map_location="cpu", weights_only=True)["state_dict"]
+        assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+        net = PerceptionPipeline.from_pretrained(str(out)).net
+        state = torch.load(args[args.index("--ckpt_path") + 1], map_location="cpu", weights_only=True)["state_dict"]
         for key, value in net.state_dict().items():  # the exported network is the checkpoint's, tensor for tensor
-            torch.testing.assert_close(value, state[f"net.{key}"], rtol=0, atol=0)
+            torch.testing.assert_close(value.cpu(), state[f"net.{key}"], rtol=0, atol=0)
+
+    def download(self, args: list[str]) -> None:
+        # Offline: an official release is served from a local file (a tiny DiT in the official layout), a Hub id from
+        # a tiny Hugging Face cache holding that repository; the command prints the flags that use what it fetched.
+        from test_download import _tiny_pipeline_in_cache
+
+        from diffperc import hub
+
+        from helpers import tiny_dit
+
+        mp, name = self.monkeypatch, args[0]
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HUB_CACHE", str(self.tmp / "hf_cache"))
+        mp.setenv("XDG_CACHE_HOME", str(self.tmp / "xdg"))
+        mp.delenv("HF_HOME", raising=False)
+        if name in hub.OFFICIAL:
+            release = hub.OFFICIAL[name]
+            served = self.tmp / "served" / release.filename
+            served.parent.mkdir(exist_ok=True)
+            torch.save(tiny_dit(num_classes=1000, learn_sigma=True).state_dict(), served)
+            mp.setitem(hub.OFFICIAL, name, hub.Release(release.filename, served.as_uri(), None))
+        else:
+            _tiny_pipeline_in_cache(self.tmp, repo=name)
+        out = _quiet("download", *args)
+        path = Path(out.splitlines()[0].split(" ", 1)[1])
+        assert out.startswith("--model.init_args.init_from ") and path.exists(), out
+        if name in hub.OFFICIAL:  # into --out, else the cache folder; loadable as init_from
+            folder = self.tmp / args[args.index("--out") + 1] if "--out" in args else self.tmp / "xdg" / "diffperc"
+            assert (self.tmp / path).resolve() == (folder / hub.OFFICIAL[name].filename).resolve(), out
+            assert "blocks.0.attn.qkv.weight" in torch.load(self.tmp / path, weights_only=True)
 
     def sweep(self, args: list[str]) -> None:
         action, rest = args[0], args[1:]
         if action == "tts":  # a 2 x 2 grid instead of 5 x 3 on the toy checkpoint
             rest = self._translate(rest)
-            configs, rest = self._configs(rest)
+            configs, rest = self._configs(rest, "--base")
             path, _ = self._recipe(configs)
             rest = re.sub(r"--steps [\d ]+", "--steps 1 2 ", " ".join(rest))
             rest = re.sub(r"--ensemble [\d ]+", "--ensemble 1 2 ", rest).split()
             out = self.tmp / "tts"
-            main(["sweep", "tts", "--config", str(path), *rest, "--out", str(out)])
+            main(["sweep", "tts", "--base", str(path), *rest, "--out", str(out)])
             assert (out / "results.jsonl").is_file() and (out / "report" / "report.md").is_file()
             return
         sweep_file, rest = str(ROOT / rest[0]), rest[1:]
         out = self.tmp / "sweeps" / Path(sweep_file).stem
-        if "--dry-run" in rest:
+        if "--dry_run" in rest:
             printed = _quiet("sweep", action, sweep_file, *rest, "--out", out)
             assert printed.count("diffperc fit") >= 2 and printed.count("diffperc test") >= 2, printed
         elif "--launcher" in rest and rest[rest.index("--launcher") + 1] == "slurm":
@@ -178,7 +208,7 @@ class _Runner:
     def laws(self, args: list[str]) -> None:
         # The README plans from the tiny model-size sweep and the tiny test-time sweep: run both tiny first.
         reports = {}
-        for flag in ("--train-report", "--tts-report"):
+        for flag in ("--train_report", "--tts_report"):
             name = Path(args[args.index(flag) + 1]).name
             reports[flag] = _run_tiny_sweep(self.recipes, ROOT / "sweeps" / "tiny" / f"{name}.yaml")
         for flag, out in reports.items():
@@ -270,5 +300,29 @@ def test_every_readme_command_has_a_runner():
 def test_readme_command_runs(command, recipes, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything a command writes by a relative path lands here
     runner = _Runner(recipes, tmp_path)
+    runner.monkeypatch = monkeypatch
     argv = shlex.split(command)
     getattr(runner, argv[0])(argv[1:])
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_run(recipes, tmp_path, monkeypatch):
+    # The Python examples run as written, on the toy quickstart run exported where the README's export puts it.
+    import cv2
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    _, run = recipes.fit("configs/quickstart/depth.yaml")
+    main(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", "exports/quickstart_depth"])
+    cv2.imwrite("room.jpg", np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    blocks = readme_python_blocks()
+    assert blocks and any("PerceptionPipeline.from_pretrained" in b for b in blocks)
+    for block in blocks:
+        scope: dict = {}
+        exec(compile(block, "README.md", "exec"), scope)
+        if "out" in scope:  # the pipeline's answer, at the input's size
+            assert scope["out"].prediction.shape == (40, 56) and scope["out"].prediction.dtype == np.float32
