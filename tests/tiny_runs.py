@@ -12,6 +12,8 @@ Importable as ``tiny_runs`` from any test (pytest puts ``tests/`` on ``sys.path`
 """
 
 import copy
+import importlib
+import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -240,8 +242,9 @@ def _shrink_dataset(spec: dict | None, split: str, assets: Assets) -> dict | Non
         return None
     spec = copy.deepcopy(spec)
     name, args = spec["class_path"].rsplit(".", 1)[-1], spec.setdefault("init_args", {})
-    if "resolution" in args or name.startswith("Procedural"):
-        args["resolution"] = IMAGE_SIZE
+    module, _, cls = spec["class_path"].rpartition(".")
+    if "resolution" in inspect.signature(getattr(importlib.import_module(module), cls)).parameters:
+        args["resolution"] = IMAGE_SIZE  # also where the recipe leaves the reader's default (e.g. 256 or 512 px)
     if name.startswith("Procedural"):
         args["length"] = _SPLIT_LENGTHS[split]
     elif name == "HypersimDataset":
