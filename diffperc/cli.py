@@ -547,6 +547,10 @@ class _DiffpercArgumentParser:
     callbacks the model adds by default in ``trainer.callbacks`` (see ``with_default_callbacks``)."""
 
     def dump(self, namespace: Namespace, *args, **kwargs) -> str:
+        # The config was validated when it was parsed; validating it again for every dump (print, config.yaml) cost
+        # about half a second per command.
+        if "skip_check" not in kwargs:
+            kwargs.setdefault("skip_validation", True)
         return super().dump(with_default_callbacks(namespace), *args, **kwargs)
 
 

@@ -60,3 +60,60 @@ def plot_fit(
 
     path = Path(path)
     return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+def plot_groups(series, path: str | os.PathLike, xlabel: str, ylabel: str, title: str | None = None) -> Path:
+    """Writes one log-log PNG overlaying several groups, as the paper's scaling figures do: each group's points, its
+    fitted law (solid) and 95% band in one colour, the law's equation in the legend.
+
+    Args:
+        series: ``(label, x, y, fit)`` per group; ``fit`` may be None (points only: too few to fit).
+        path: Output PNG path.
+        xlabel: X axis label.
+        ylabel: Y axis label.
+        title: Figure title.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    from matplotlib import ticker
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = [f"C{i % 10}" for i in range(len(series))]
+    positive = True
+    for (label, x, y, fit), colour in zip(series, colours):
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        ax.scatter(x, y, color=colour, s=16, zorder=3)
+        name = label
+        if fit is not None:
+            grid = np.geomspace(x.min(), x.max(), 200)
+            curve = fit.predict(grid)
+            low, high = fit.predict_interval(grid)
+            ax.fill_between(grid, low, high, color=colour, alpha=0.15, linewidth=0)
+            ax.plot(grid, curve, color=colour)
+            positive &= bool(np.all(curve > 0))
+            name = f"{label}: {fit.format()}"
+        positive &= bool(np.all(y > 0))
+        ax.plot([], [], color=colour, marker="o", label=name)  # one legend entry per group
+    ax.set_xscale("log")
+    if positive:
+        ax.set_yscale("log")
+    # Readable log ticks: decades labelled as 10^k, minor ticks unlabelled; a y range inside one decade keeps plain
+    # numbers (a log axis with no decade in view would show no label at all).
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10))
+    ax.xaxis.set_major_formatter(ticker.LogFormatterMathtext(base=10))
+    if positive:
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffperc.scaling.fit import PowerLawFit, fit_power_law
-from diffperc.scaling.plots import plot_fit
+from diffperc.scaling.plots import plot_fit, plot_groups
 from diffperc.scaling.results import collect, failed_rows
 from diffperc.scaling.spec import Sweep, normalize_key, slug
 from diffperc.utils import atomic_write_text, is_number
@@ -103,6 +103,22 @@ def report(sweep: Sweep, out: str | os.PathLike, upstream_dir: str | os.PathLike
         for values, group_rows in by_group.items():
             label = "_".join(f"{g.split('.')[-1]}-{slug(v)}" for g, v in zip(groups, values, strict=True))
             write_report(group_rows, specs, out / "report" / label)
+        # The groups overlaid in one figure per metric, as the paper's figures show model sizes against compute.
+        figures = []
+        for i, (x_key, y_key, offset) in enumerate(specs):
+            series = []
+            for values, group_rows in by_group.items():
+                fit = _fit_one(group_rows, x_key, y_key, offset)
+                if fit.x is not None and len(fit.x):
+                    series.append((", ".join(f"{g.split('.')[-1]}={v}" for g, v in zip(groups, values)), fit.x,
+                                   fit.y, fit.fit))
+            if series:
+                name = f"groups_{i:02d}_{_file_slug(y_key)}_vs_{_file_slug(x_key)}.png"
+                plot_groups(series, out / "report" / name, xlabel=x_key, ylabel=y_key, title=y_key)
+                figures.append(f"![{y_key} by {', '.join(groups)}]({name})")
+        if figures:
+            overlaid = f"\n## By {', '.join(groups)}, overlaid\n\n" + "\n\n".join(figures) + "\n"
+            path = atomic_write_text(path, path.read_text() + overlaid)
     echo(f"report: {path}")
     return path
 

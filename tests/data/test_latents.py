@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from diffperc.codecs import VAECodec
@@ -14,21 +13,12 @@ from diffperc.data.latents import LatentCache, cache_latents, main
 from diffperc.lit.finetuning import Backbone
 from diffperc.lit.pretraining import DiffusionPretraining, EMASettings
 
+from helpers import tiny_vae
+
 
 @pytest.fixture
 def vae_path(tmp_path):
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=16,
-    ).save_pretrained(tmp_path / "vae")
+    tiny_vae().save_pretrained(tmp_path / "vae")
     return str(tmp_path / "vae")
 
 

@@ -92,3 +92,49 @@ def test_plot_fit_writes_png_atomically(tmp_path):
 def test_write_report_rejects_malformed_spec(tmp_path):
     with pytest.raises(ValueError, match=r"`fits_spec\[0\]`"):
         write_report([{"x": 1.0}], [("x", "y")], tmp_path)
+
+
+def test_plot_groups_overlays_groups_on_log_axes(tmp_path):
+    from matplotlib import image
+
+    from diffperc.scaling.fit import fit_power_law
+    from diffperc.scaling.plots import plot_groups
+
+    x = np.array([1e9, 1e10, 1e11, 1e12])
+    small, large = 0.5 * x**-0.05, 0.4 * x**-0.07
+    series = [("size=S", x, small, fit_power_law(x, small)), ("size=L", x, large, fit_power_law(x, large)),
+              ("size=XL", x[:1], large[:1], None)]  # one point: drawn, not fitted
+    path = plot_groups(series, tmp_path / "groups.png", xlabel="training MACs", ylabel="AbsRel")
+    pixels = image.imread(path)
+    assert pixels.shape[:2] == (420, 600) and not list(tmp_path.glob(".*"))  # 6 x 4.2 in at 100 dpi, no temp file
+    # Both fitted laws recover their exponents, so the lines drawn are the true ones.
+    assert [round(s[3].b, 6) for s in series[:2]] == [-0.05, -0.07]
+
+
+def test_sweep_report_overlays_its_groups_in_one_figure_linked_from_the_report(tmp_path):
+    import json
+
+    from diffperc.scaling.spec import expand, parse_sweep
+    from diffperc.scaling.sweep import report
+
+    base = tmp_path / "base.yaml"
+    base.write_text("model: {}\n")
+    sweep = parse_sweep({
+        "base": str(base), "x": "compute/train_macs", "metrics": ["test/depth/abs_rel"],
+        "grid": {"model.backbone.name": ["t1", "t2"], "trainer.max_steps": [10, 100, 1000]},
+        "group_by": ["model.backbone.name"],
+    })
+    out = tmp_path / "sweep"
+    _, points = expand(sweep, out)
+    rows = []
+    for point in points:  # ok rows as a finished sweep holds them: AbsRel falls as a power of the MACs per size
+        steps, size = point.overrides["trainer.max_steps"], point.overrides["model.backbone.name"]
+        macs = steps * (1e9 if size == "t1" else 4e9)
+        rows.append({"point": point.id, "status": "ok", **point.overrides, "compute/train_macs": macs,
+                     "test/depth/abs_rel": (0.9 if size == "t1" else 0.7) * macs**-0.05})
+    out.mkdir(parents=True)
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report(sweep, out, echo=lambda *_: None).read_text()
+    figure = "groups_00_test_depth_abs_rel_vs_compute_train_macs.png"
+    assert "](" + figure + ")" in text and (out / "report" / figure).is_file()
+    assert sorted(p.name for p in (out / "report").iterdir() if p.is_dir()) == ["name-t1", "name-t2"]
