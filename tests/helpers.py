@@ -23,6 +23,20 @@ from diffperc.tasks import DepthTask
 TINY = dict(hidden_size=32, depth=1, num_heads=2, patch_size=2)
 
 
+#: A tiny diffusers ``DiTTransformer2DModel`` (diffusers' own test sizes): depth 2, width 2 x 16 = 32, patch 2,
+#: 8x8 latents of 4 channels, learn_sigma (8 outputs), 10 classes plus the null row.
+TINY_DIFFUSERS_DIT = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    sample_size=8,
+    patch_size=2,
+    num_embeds_ada_norm=10,
+)
+
+
 def tiny_backbone(name: str = "t1", **overrides) -> Backbone:
     """The tiny DiT as a ``Backbone`` (``name`` may carry an MoE suffix, e.g. ``t1-4E2A``)."""
     return Backbone(name=name, **{**TINY, **overrides})

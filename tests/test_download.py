@@ -11,6 +11,8 @@ from diffperc import hub
 from diffperc.models.dit import DiT
 from diffperc.models.pretrained import load_pretrained
 
+from helpers import TINY_DIFFUSERS_DIT
+
 PAYLOAD = b"not really a DiT checkpoint\n" * 1000
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -125,17 +127,7 @@ def _tiny_pipeline_in_cache(tmp_path, repo="org/tiny-dit") -> tuple:
     root = tmp_path / "hf_cache" / f"models--{repo.replace('/', '--')}"
     snap = root / "snapshots" / REV
     g = torch.Generator().manual_seed(0)
-    dit = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-        norm_eps=1e-6,
-    )
+    dit = DiTTransformer2DModel(**TINY_DIFFUSERS_DIT, norm_eps=1e-6)
     with torch.no_grad():
         for p in dit.transformer_blocks[0].norm1.emb.parameters():
             p.copy_(torch.randn(p.shape, generator=g))

@@ -15,18 +15,9 @@ from diffperc.models.pretrained import (
     read_network_state,
 )
 
-# Tiny model (diffusers' test_models_dit_transformer2d sizes): depth 2, width 2 x 16 = 32, patch 2, 8x8 latents with
-# 4 channels, learn_sigma (8 outputs), 10 classes plus the null row.
-DIFFUSERS_CFG = dict(
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=4,
-    out_channels=8,
-    num_layers=2,
-    sample_size=8,
-    patch_size=2,
-    num_embeds_ada_norm=10,
-)
+from helpers import TINY_DIFFUSERS_DIT
+
+DIFFUSERS_CFG = TINY_DIFFUSERS_DIT  # the same network as DIT_CFG in diffusers' layout
 DIT_CFG = dict(
     input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=True
 )
