@@ -166,6 +166,7 @@ def test_lightning_print_config_round_trips_and_lists_the_default_callbacks(tmp_
         "diffperc.callbacks.PredictionWriter",
         "diffperc.callbacks.MACsCounter",
         "diffperc.callbacks.TrainingThroughput",
+        "diffperc.callbacks.PowerLawMonitor",
         "diffperc.callbacks.StepProgressBar",
         "diffperc.callbacks.NonFiniteGuard",
         "diffperc.checkpoint_io.RNGStateCheckpoint",
@@ -211,6 +212,7 @@ def test_configure_callbacks_adds_the_defaults_to_a_trainer_without_them():
     assert sorted(added) == [
         "ExpertLoadLogger",
         "NonFiniteGuard",
+        "PowerLawMonitor",
         "PredictionImageLogger",
         "PredictionWriter",
         "RNGStateCheckpoint",

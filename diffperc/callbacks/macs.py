@@ -4,7 +4,7 @@ Add it with ``--trainer.callbacks+=diffperc.callbacks.macs.MACsCounter`` (``diff
 at fit end it writes ``train_macs.json`` into the run directory.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -39,9 +39,10 @@ class MACsCounter(Callback):
     gets ``compute/train_macs`` = MACs of steps 1..k at ``step = k - 1``, the step under which Lightning logs that
     step's ``self.log`` metrics and the validation run after it. The total is part of the checkpoint
     (``state_dict``), so a resumed run keeps counting. At fit end, ``{"compute/train_macs": ..., "global_step": ...}``
-    is written atomically to ``<trainer.log_dir>/train_macs.json``. At test end, the module's
-    ``test_results["compute/test_macs_per_sample"]`` (set by ``PerceptionFinetuning.on_test_epoch_end``) is logged
-    too, when present.
+    is written atomically to ``<trainer.log_dir>/train_macs.json``, with the keys of every ``add_to_record`` source
+    (``PowerLawMonitor``: ``loss/train``, ``loss/val`` and ``laws``), so one writer owns the file. At test end, the
+    module's ``test_results["compute/test_macs_per_sample"]`` (set by ``PerceptionFinetuning.on_test_epoch_end``) is
+    logged too, when present.
 
     Args:
         filename: Name of the JSON file written into the run directory at fit end.
@@ -53,6 +54,7 @@ class MACsCounter(Callback):
         self._macs_by_shape: dict[tuple, int] = {}
         self._last_step = 0
         self._last_logged_step = -1
+        self._record_sources: list[Callable[[], Mapping]] = []
 
     # ----------------------------------------------------------------- counting
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -85,8 +87,17 @@ class MACsCounter(Callback):
             self._log(trainer)  # the final total is always in the logs
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero:
-            record = {TRAIN_MACS_KEY: self.train_macs, "global_step": trainer.global_step}
+            record = {}
+            for source in self._record_sources:
+                record.update(source())
+            record.update({TRAIN_MACS_KEY: self.train_macs, "global_step": trainer.global_step})
             atomic_write_json(Path(log_dir) / self.filename, record)
+
+    def add_to_record(self, source: Callable[[], Mapping]) -> None:
+        """Has ``source()``'s keys (finite JSON values) written into ``train_macs.json`` at fit end, on rank 0, after
+        every training hook ran; adding the same source twice keeps one."""
+        if source not in self._record_sources:
+            self._record_sources.append(source)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         results = getattr(pl_module, "test_results", None)

@@ -2,9 +2,9 @@
 class-conditional pretraining (``DiffusionPretraining``) differ in their data, network inputs and evaluation only.
 
 Shared here: settings read from YAML or from a checkpoint's hyper-parameters, the frozen codec, the DDPM training
-schedule and the DDIM sampler over the same betas, training noise seeded by (seed, batch counter, rank), the MoE
-balance loss, optimizers, sharding and activation checkpointing, an optional EMA of the weights, and the callbacks
-every run gets.
+schedule and the DDIM sampler over the same betas, training noise seeded by (seed, batch counter, rank), the fixed
+noise of the validation loss, the MoE balance loss, optimizers, sharding and activation checkpointing, an optional EMA
+of the weights, and the callbacks every run gets.
 """
 
 import dataclasses
@@ -24,6 +24,10 @@ from diffperc.data.sampler import data_parallel_layout
 from diffperc.diffusion import DiffusionSettings, make_sampler, make_train_scheduler
 from diffperc.lit.parallel import draw_noise_and_timesteps
 from diffperc.models import moe_aux_loss, moe_config
+from diffperc.seeding import derive_seed
+
+#: ``derive_seed`` stream of the validation loss's noise and timesteps (DDIM sampling uses streams 0 and 1).
+VAL_LOSS_STREAM = 2
 
 
 @dataclass
@@ -139,6 +143,22 @@ class DiffusionModule(LightningModule):
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         return draw_noise_and_timesteps(x0, num_timesteps, self.noise_seed, step, rank, world, task_id)
 
+    def validation_noise(self, x0: torch.Tensor, seed: int, *counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise like ``x0`` and timesteps t ~ U{0, T - 1} for the validation loss of one batch, from their own
+        generator seeded by ``derive_seed(seed, *counters, stream=VAL_LOSS_STREAM)``: the same draws at every
+        validation (``val/loss`` moves with the weights only), and neither the global RNG nor the training noise
+        stream is touched, so a run trains the same with or without validation.
+
+        As for the training noise, the draw covers the global batch and this process keeps rows ``rank::world``, the
+        samples Lightning's distributed validation sampler gives it: W processes with batch N draw what one process
+        with batch W * N draws, so ``val/loss`` does not depend on the number of processes."""
+        rank, world = data_parallel_layout(self._trainer) if self._trainer is not None else (0, 1)
+        g = torch.Generator(device=x0.device).manual_seed(derive_seed(seed, *counters, stream=VAL_LOSS_STREAM))
+        n, steps = x0.shape[0], self.noise_scheduler.config.num_train_timesteps
+        noise = torch.randn((n * world, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype)
+        t = torch.randint(0, steps, (n * world,), generator=g, device=x0.device)
+        return noise[rank::world].contiguous(), t[rank::world].contiguous()
+
     def net_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exactly the (x, t, y) ``training_step`` passes to the network (read by ``MACsCounter``)."""
         raise NotImplementedError
@@ -204,10 +224,12 @@ class DiffusionModule(LightningModule):
                 replaces; a user's own bar, or none, stays as it is.
         """
         # Every fit counts its training MACs (train_macs.json, `compute/train_macs`), logs samples/s (and MFU where
-        # the device's peak is known) and shows its progress in optimizer steps of `max_steps`.
+        # the device's peak is known), fits power laws of its losses and validation metrics against those MACs
+        # (`laws/...`, the `laws` block of train_macs.json) and shows its progress in optimizer steps of `max_steps`.
         callbacks = [
             {"class_path": "diffperc.callbacks.MACsCounter"},
             {"class_path": "diffperc.callbacks.TrainingThroughput"},
+            {"class_path": "diffperc.callbacks.PowerLawMonitor"},
         ]
         if progress_bar and _RICH_AVAILABLE:  # without `rich`, Lightning's default is its tqdm bar: left as it is
             callbacks.append({"class_path": "diffperc.callbacks.StepProgressBar"})

@@ -4,13 +4,14 @@ To run: ``diffperc fit --config configs/quickstart/depth.yaml`` then ``diffperc 
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from diffperc.codecs import Codec
 from diffperc.diffusion import (
@@ -109,6 +110,12 @@ class PerceptionFinetuning(DiffusionModule):
         self.val_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
         self.test_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
         self.baseline_metrics = torch.nn.ModuleDict({t.name: t.metrics() for t in self.tasks})
+        # `val/loss` over every validation sample, and `val/<task>/loss` per task of a generalist (no NaN check: it
+        # would read each batch's loss back to the host).
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.val_task_losses = torch.nn.ModuleDict(
+            {t.name: MeanMetric(nan_strategy="disable") for t in self.tasks} if len(self.tasks) > 1 else {}
+        )
         self.val_visuals: dict[str, torch.Tensor] = {}  # task name -> (N, 3, H, W) in [0, 1]
         self._test_image_shapes: dict[str, tuple[int, int, int]] = {}
 
@@ -132,8 +139,12 @@ class PerceptionFinetuning(DiffusionModule):
         """Condition latents (N, k * C, h, w), encoded once per batch."""
         return torch.cat([self.codec.encode(img) for img in (task or self.task).conditions(batch)], dim=1)
 
-    def _training_inputs(self, batch: dict):
-        """Network inputs (x, t, y), the regression target and the (task id, rows) groups of a training batch."""
+    def _training_inputs(self, batch: dict, draw: Callable | None = None):
+        """Network inputs (x, t, y), the regression target and the (task id, rows) groups of a training batch.
+
+        ``draw(x0, task_id)`` gives the noise and timesteps of one task's rows (``task_id`` None for a single-task
+        model); default ``training_noise``."""
+        draw = draw or self.training_noise
         groups = self._groups(batch)
         width = max((self.tasks[i].num_conditions + 1) * self.latent_channels for i, _ in groups)
         multi = len(self.tasks) > 1
@@ -143,7 +154,7 @@ class PerceptionFinetuning(DiffusionModule):
             cond = self.encode_conditions(sub, task)
             x0 = self.codec.encode(task.encode_target(sub))
             # 1. Noise only the target latent at uniformly sampled timesteps (paper eq. 1), from (seed, batch, task).
-            noise, t = self.training_noise(x0, task_id=i if multi else None)
+            noise, t = draw(x0, i if multi else None)
             x = torch.cat([cond, self.noise_scheduler.add_noise(x0, noise, t)], dim=1)  # [conditions, noisy target]
             inputs.append(F.pad(x, (0, 0, 0, 0, 0, width - x.shape[1])))  # zero channels up to the widest task
             targets.append(training_target(self.noise_scheduler, x0, noise, t))
@@ -171,6 +182,24 @@ class PerceptionFinetuning(DiffusionModule):
                 task_loss = F.mse_loss(out[part].float(), target[part].float())
                 self.log(f"train/{self.tasks[i].name}/loss", task_loss, batch_size=count)
         return self.with_aux_loss(loss, n)
+
+    def validation_loss(self, batch: dict, batch_idx: int, task_id: int = 0) -> torch.Tensor | None:
+        """``train/loss`` (the MSE of eq. 2, without the MoE balance term) on a validation batch of task ``task_id``.
+
+        With the weights validation runs (EMA ones when the module has an EMA: the callback swapped them in) and noise
+        and timesteps from ``validation_noise(x0, noise_seed, batch_idx[, task_id])``: the same draws at every
+        validation, so ``val/loss`` moves with the weights only, and the global RNG and the training noise are left
+        alone. A subclass that trains another loss overrides this; until it does, None (no ``val/loss``).
+        """
+        if type(self).training_step is not PerceptionFinetuning.training_step:
+            return None  # not the diffusion loss this computes: a `val/loss` beside its train/loss would mislead
+
+        def draw(x0: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.validation_noise(x0, self.noise_seed, batch_idx, *(() if task is None else (task,)))
+
+        (x, t, y), target, _ = self._training_inputs({self.tasks[task_id].name: batch}, draw)
+        out = self.net(x, t, y)[:, : self.latent_channels]
+        return F.mse_loss(out.float(), target.float())
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -214,6 +243,11 @@ class PerceptionFinetuning(DiffusionModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.tasks[dataloader_idx]  # one validation loader per task, in task order
         pred, _ = self.predict_batch(batch, task_id=dataloader_idx)
+        loss = self.validation_loss(batch, batch_idx, dataloader_idx)
+        if loss is not None:  # averaged over samples, logged at epoch end (no host read per batch)
+            self.val_loss.update(loss, weight=pred.shape[0])
+            if task.name in self.val_task_losses:
+                self.val_task_losses[task.name].update(loss, weight=pred.shape[0])
         task.update_metrics(self.val_metrics[task.name], pred, batch)
         if batch_idx == 0 and self.num_images_logged > 0:  # every task's first batch (one loader per task)
             k = self.num_images_logged
@@ -222,6 +256,11 @@ class PerceptionFinetuning(DiffusionModule):
     def on_validation_epoch_end(self) -> None:
         for task in self.tasks:
             self._log_metrics(self.val_metrics[task.name], "val", task.name)
+        losses = [("val/loss", self.val_loss), *((f"val/{name}/loss", m) for name, m in self.val_task_losses.items())]
+        for key, metric in losses:
+            if metric.update_count:
+                self.log(key, metric.compute(), prog_bar=key == "val/loss")  # torchmetrics synced the processes
+                metric.reset()
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         task = self.tasks[dataloader_idx]

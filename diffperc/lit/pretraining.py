@@ -20,7 +20,6 @@ from diffperc.diffusion import DiffusionSettings, InferenceSettings, sample_ense
 from diffperc.lit.base import DiffusionModule, EMASettings, settings
 from diffperc.models import moe_config
 from diffperc.models.build import Backbone, build_network
-from diffperc.seeding import derive_seed
 from diffperc.utils import atomic_write_bytes
 
 __all__ = ["DiffusionPretraining", "EMASettings", "SamplingSettings"]
@@ -104,7 +103,13 @@ class DiffusionPretraining(DiffusionModule):
         activation_checkpointing: bool = False,
     ):
         super().__init__(
-            codec, image_size, optimizer, lr_scheduler, diffusion, settings(EMASettings, ema), noise_seed,
+            codec,
+            image_size,
+            optimizer,
+            lr_scheduler,
+            diffusion,
+            settings(EMASettings, ema),
+            noise_seed,
             activation_checkpointing,
         )
         self.save_plain_hyperparameters(ignore=["codec", "optimizer", "lr_scheduler"])
@@ -187,10 +192,13 @@ class DiffusionPretraining(DiffusionModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Fixed noise and timesteps per batch, so the (EMA) validation loss is comparable across steps.
+        # The training loss (without the MoE balance term: `train/mse` for an MoE) on the batch's images or cached
+        # latents and labels, with the weights validation runs (the EMA callback swapped the average in) in eval mode
+        # (no label dropout): noise and t from (val_seed, batch_idx) in their own stream, the same at every
+        # validation, so `val/loss` is comparable across steps and training draws the same with or without it.
         x0, y = self._latents(batch), self._labels(batch)
-        generator = torch.Generator(device=x0.device).manual_seed(derive_seed(self.val_seed, batch_idx))
-        loss = self.diffusion_loss(x0, y, generator)
+        noise, t = self.validation_noise(x0, self.val_seed, batch_idx)
+        loss = self.diffusion_loss(x0, y, noise=noise, t=t)
         self.log("val/loss", loss, prog_bar=True, batch_size=x0.shape[0], sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:

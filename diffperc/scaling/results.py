@@ -34,10 +34,18 @@ def row_from_run(point: Point, upstream_row: dict | None = None) -> dict | None:
 
     The metric keys are those of the ``metrics`` block of ``test_metrics.json`` as written (``test/<task>/<metric>``,
     ``baseline/<task>/<metric>``, ``compute/test_macs_per_sample``: see ``PerceptionFinetuning.on_test_epoch_end``),
-    for one task and for several alike; a ``test_metrics.json`` without that block counts as missing.
+    for one task and for several alike; a ``test_metrics.json`` without that block counts as missing. From the
+    training run's ``train_macs.json`` come ``compute/train_macs``, ``trainer.global_step``, the final losses
+    ``loss/train`` and ``loss/val`` and, flattened, the power laws fitted while it trained (``PowerLawMonitor``):
+    ``law/<series>/<field>``, e.g. ``law/val/depth/abs_rel/b``. A key an older file lacks is left out of the row.
     """
-    row: dict[str, Any] = {"point": point.id, "status": "ok", "command": point.command,
-                           "run_dir": str(point.run_dir), "overrides": point.overrides}
+    row: dict[str, Any] = {
+        "point": point.id,
+        "status": "ok",
+        "command": point.command,
+        "run_dir": str(point.run_dir),
+        "overrides": point.overrides,
+    }
     row.update({normalize_key(k): v for k, v in point.overrides.items()})
     row.update(point.tags)
     train_dir = point.run_dir if point.command == "fit" else Path(point.checkpoint).parent.parent
@@ -47,6 +55,11 @@ def row_from_run(point: Point, upstream_row: dict | None = None) -> dict | None:
     if train is not None:
         row["compute/train_macs"] = train.get("compute/train_macs")
         row["trainer.global_step"] = train.get("global_step")
+        row.update({key: train[key] for key in ("loss/train", "loss/val") if is_number(train.get(key))})
+        laws = train.get("laws") if isinstance(train.get("laws"), dict) else {}
+        for series, fit in laws.items():
+            if isinstance(fit, dict):
+                row.update({f"law/{series}/{field}": v for field, v in fit.items() if is_number(v)})
     if point.command == "tts" or point.test:
         record = _read_json(point.run_dir / "test_metrics.json")
         if record is None or not isinstance(record.get("metrics"), dict):
@@ -69,11 +82,19 @@ def row_from_run(point: Point, upstream_row: dict | None = None) -> dict | None:
     return row
 
 
-def failed_row(point: Point, step: str, returncode: int | None, log: Path, error: str,
-               start: float | None = None) -> dict:
+def failed_row(
+    point: Point, step: str, returncode: int | None, log: Path, error: str, start: float | None = None
+) -> dict:
     """The row of a point that failed at ``step`` (``fit``, ``test``, ``tts``, ``collect`` or ``upstream``)."""
-    row = {"point": point.id, "status": "failed", "step": step, "returncode": returncode, "log": str(log),
-           "error": error, "overrides": point.overrides}
+    row = {
+        "point": point.id,
+        "status": "failed",
+        "step": step,
+        "returncode": returncode,
+        "log": str(log),
+        "error": error,
+        "overrides": point.overrides,
+    }
     if start is not None:
         row["wall_s"] = round(time.perf_counter() - start, 2)
     return row

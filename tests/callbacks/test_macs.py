@@ -1,6 +1,8 @@
+import json
 from unittest import mock
 from unittest.mock import Mock, call
 
+import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
@@ -111,8 +113,11 @@ def test_macs_counter_measures_once_per_shape_and_where(tmp_path):
     # Once per batch shape: a dense network and a capacity-limited MoE (static, padded shapes) on the meta device
     # ("auto"), a dropless MoE on real tensors ("same": its dispatch shapes depend on the routing).
     capped = Upcycle(2, 1, capacity_factor=1.0)
-    cases = ((_tiny_module(), ["auto"]), (_tiny_module(upcycle=Upcycle(2, 1)), ["same"]),
-             (_tiny_module(upcycle=capped), ["auto"]))
+    cases = (
+        (_tiny_module(), ["auto"]),
+        (_tiny_module(upcycle=Upcycle(2, 1)), ["same"]),
+        (_tiny_module(upcycle=capped), ["auto"]),
+    )
     for module, expected in cases:
         counted.clear()
         with mock.patch.object(macs_module, "count_train_macs", _counting):
@@ -143,13 +148,11 @@ def test_macs_counter_logs_test_macs_reported_by_the_module(tmp_path):
     ]
 
 
-
 def test_macs_counter_counts_pretraining_steps(tmp_path):
     from diffperc.data import ProceduralClasses
     from diffperc.lit.pretraining import DiffusionPretraining
 
-    module = DiffusionPretraining(backbone=tiny_backbone(patch_size=4),
-                                  image_size=16, num_classes=10)
+    module = DiffusionPretraining(backbone=tiny_backbone(patch_size=4), image_size=16, num_classes=10)
     x, t = torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)  # the noisy image and its class label
     per_step = count_train_macs(module.net, x, t, t)
     logger = _logger(tmp_path)
@@ -157,3 +160,27 @@ def test_macs_counter_counts_pretraining_steps(tmp_path):
     trainer.fit(module, datamodule=PerceptionDataModule(train=ProceduralClasses("train", 16, 16), batch_size=4))
     assert _counter(trainer).train_macs == 2 * per_step
     assert _macs_calls(logger) == [call({"compute/train_macs": float(k * per_step)}, step=k - 1) for k in (1, 2)]
+
+
+def test_macs_counter_writes_its_record_sources_once_and_keeps_its_own_keys(tmp_path):
+    calls = []
+
+    def source() -> dict:
+        calls.append(1)
+        return {"extra/value": 1.5, "compute/train_macs": -1}  # a clash: the counter's own total wins
+
+    module, logger, counter = _tiny_module(), _logger(tmp_path), MACsCounter()
+    per_step = _step_macs(module)
+    counter.add_to_record(source)
+    counter.add_to_record(source)
+    _trainer(tmp_path, logger, counter, max_steps=2).fit(module, datamodule=_data())
+    record = json.loads((tmp_path / "train_macs.json").read_text())
+    # The module's default PowerLawMonitor adds loss/train: the last of its 2 logged values (too few for a law).
+    losses = [(c.args[0] if c.args else c.kwargs["metrics"])["train/loss"] for c in _macs_calls(logger, "train/loss")]
+    assert record == {
+        "compute/train_macs": 2 * per_step,
+        "global_step": 2,
+        "extra/value": 1.5,
+        "loss/train": pytest.approx(losses[-1], rel=1e-7),
+    }
+    assert len(calls) == 1 and len(losses) == 2

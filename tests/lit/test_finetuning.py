@@ -5,12 +5,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback
 
 from diffperc.cli import DiffpercCLI
 from diffperc.data import PerceptionDataModule, ProceduralDepth
 from diffperc.diffusion import InferenceSettings
-from diffperc.lit import PerceptionFinetuning, Upcycle
+from diffperc.lit import EMASettings, PerceptionFinetuning, Upcycle
 
 from helpers import quiet_trainer, tiny_backbone, tiny_finetuning
 
@@ -220,3 +221,143 @@ def test_backbone_moe_fields_parse_from_the_command_line():
     assert cli.model.hparams["backbone"]["expert_type"] == "swiglu"  # plain values in the checkpoint
     with pytest.raises(SystemExit):
         DiffpercCLI(args=["--config", str(QUICKSTART), "--model.init_args.backbone.expert_type", "relu"], run=False)
+
+
+# ------------------------------------------------------------------------------------------------ validation loss
+def _val_data(length: int = 8) -> PerceptionDataModule:
+    return PerceptionDataModule(
+        train=ProceduralDepth("train", 64, 16), val=ProceduralDepth("val", length, 16), batch_size=4, eval_batch_size=4
+    )
+
+
+def _val_batches(dm: PerceptionDataModule) -> list[dict]:
+    dm.setup("validate")
+    return list(dm.val_dataloader())
+
+
+def _randomized(module: PerceptionFinetuning) -> PerceptionFinetuning:
+    # adaLN-Zero starts the output at zero, which would make the loss blind to the weights.
+    with torch.no_grad():
+        for param in module.net.parameters():
+            param.normal_(0, 0.2)
+    return module
+
+
+class _LiveWeights(Callback):
+    """The live network weights after every optimizer step (what training alone decides)."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append(torch.cat([p.detach().flatten().clone() for p in pl_module.net.parameters()]))
+
+
+def test_val_loss_is_the_training_loss_on_its_own_fixed_noise(tmp_path):
+    from diffperc.seeding import derive_seed
+
+    module = _randomized(_tiny_module(num_images_logged=0)).eval()
+    batches = _val_batches(_val_data())
+    with torch.inference_mode():
+        # Oracle: eq. 2 with noise, then t, drawn from derive_seed(noise_seed 0, batch 1, stream 2), v-prediction.
+        batch = batches[1]
+        g = torch.Generator().manual_seed(derive_seed(0, 1, stream=2))
+        x0 = module.codec.encode(module.task.encode_target(batch))
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        x = torch.cat([module.encode_conditions(batch), module.noise_scheduler.add_noise(x0, noise, t)], dim=1)
+        out = module.net(x, t, torch.zeros(4, dtype=torch.long))[:, :3]
+        expected = F.mse_loss(out, module.noise_scheduler.get_velocity(x0, noise, t))
+        rng = torch.get_rng_state()
+        losses = [module.validation_loss(b, i) for i, b in enumerate(batches)]
+        assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is not drawn from
+    torch.testing.assert_close(losses[1], expected, rtol=1e-6, atol=0)
+    assert losses[0] != losses[1]  # other batch, other noise
+
+    # Logged as their sample mean (two batches of 4), the same at every validation of the same weights.
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    first = trainer.validate(module, datamodule=_val_data(), verbose=False)[0]["val/loss"]
+    second = trainer.validate(module, datamodule=_val_data(), verbose=False)[0]["val/loss"]
+    assert first == second == pytest.approx(float(sum(losses)) / 2, rel=1e-6)
+
+
+def test_val_loss_leaves_training_bit_identical(tmp_path):
+    # Validation (sampling, the val loss, the EMA swap) after every 2 steps, or none: the same weights at every step.
+    def live_weights(validate: bool) -> tuple[list[torch.Tensor], float | None]:
+        torch.manual_seed(0)
+        recorder = _LiveWeights()
+        trainer = quiet_trainer(
+            max_steps=6,
+            val_check_interval=2,
+            check_val_every_n_epoch=None,
+            limit_val_batches=2 if validate else 0,
+            default_root_dir=tmp_path,
+            callbacks=[recorder],
+        )
+        trainer.fit(_tiny_module(num_images_logged=0, ema=EMASettings(decay=0.5)), datamodule=_val_data())
+        return recorder.steps, trainer.callback_metrics.get("val/loss")
+
+    with_val, val_loss = live_weights(True)
+    without_val, none = live_weights(False)
+    assert val_loss is not None and none is None
+    assert len(with_val) == len(without_val) == 6
+    for a, b in zip(with_val, without_val, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_val_loss_uses_the_ema_weights(tmp_path):
+    recorder = _LiveWeights()
+    module = _tiny_module(num_images_logged=0, ema=EMASettings(decay=0.5))
+    trainer = quiet_trainer(
+        max_steps=3,
+        val_check_interval=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=_val_data(4))
+    (batch,) = _val_batches(_val_data(4))
+    with torch.inference_mode():
+        module.eval()
+        ema = module.validation_loss(batch, 0)  # fit end copied the average into the live network
+        torch.nn.utils.vector_to_parameters(recorder.steps[-1], module.net.parameters())
+        live = module.validation_loss(batch, 0)
+    assert trainer.callback_metrics["val/loss"].item() == pytest.approx(ema.item(), rel=1e-6)
+    assert abs(live.item() - ema.item()) > 1e-3  # seeded: 0.8326 (live weights) against 0.8424 (EMA)
+
+
+def test_generalist_logs_a_val_loss_per_task_and_their_sample_mean(tmp_path):
+    from diffperc.data import MultiTaskDataModule, ProceduralFlow
+    from diffperc.tasks import DepthTask, FlowTask
+
+    def data():
+        val = [ProceduralDepth("val", 4, 16), ProceduralFlow("val", 8, 16)]
+        return MultiTaskDataModule(
+            names=["depth", "flow"], train=val, val=val, length=8, batch_size=4, eval_batch_size=4
+        )
+
+    module = _randomized(
+        tiny_finetuning([DepthTask(min_depth=0.1, max_depth=30.0), FlowTask()], patch_size=4, num_images_logged=0)
+    )
+    metrics = quiet_trainer(default_root_dir=tmp_path).validate(module, datamodule=data(), verbose=False)
+    logged = {k: v for m in metrics for k, v in m.items()}
+    depth, flow = logged["val/depth/loss"], logged["val/flow/loss"]
+    assert logged["val/loss"] == pytest.approx((4 * depth + 8 * flow) / 12, rel=1e-6)  # weighted by samples
+    dm = data()
+    dm.setup("validate")
+    depth_batch = next(iter(dm.val_dataloader()[0]))
+    with torch.inference_mode():
+        module.eval()
+        assert module.validation_loss(depth_batch, 0, task_id=0).item() == pytest.approx(depth, rel=1e-6)
+        assert module.validation_loss(depth_batch, 0, task_id=0) != module.validation_loss(depth_batch, 1, task_id=0)
+
+
+def test_a_subclass_training_another_loss_logs_no_diffusion_val_loss(tmp_path):
+    class _Scaled(PerceptionFinetuning):
+        def training_step(self, batch, batch_idx):
+            return 2 * super().training_step(batch, batch_idx)
+
+    module = _tiny_module(cls=_Scaled, num_images_logged=0)
+    (metrics,) = quiet_trainer(default_root_dir=tmp_path).validate(module, datamodule=_val_data(4), verbose=False)
+    assert "val/loss" not in metrics and "val/depth/abs_rel" in metrics

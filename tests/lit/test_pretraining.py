@@ -141,6 +141,45 @@ def test_pretraining_label_dropout_rate_is_honoured():
     assert torch.equal(seen[-1], y[:100])  # no dropout outside training
 
 
+def test_pretraining_val_loss_is_the_eval_loss_on_its_own_fixed_noise(tmp_path):
+    from diffperc.seeding import derive_seed
+
+    module = _module(sampling=SamplingSettings(num_samples=0))
+    _randomize(module.net)
+    val = DataLoader(ProceduralClasses("val", 8, 16), batch_size=4)
+    trainer = quiet_trainer(default_root_dir=tmp_path)
+    first = trainer.validate(module, val, verbose=False)[0]["val/loss"]
+    second = trainer.validate(module, val, verbose=False)[0]["val/loss"]
+    # Oracle: epsilon MSE in eval mode (labels kept), noise then t from derive_seed(val_seed 0, batch i, stream 2).
+    losses = []
+    with torch.inference_mode():
+        module.eval()
+        for i, batch in enumerate(val):
+            g = torch.Generator().manual_seed(derive_seed(0, i, stream=2))
+            noise = torch.randn(batch["image"].shape, generator=g)
+            t = torch.randint(0, 1000, (4,), generator=g)
+            out = module.net(module.noise_scheduler.add_noise(batch["image"], noise, t), t, batch["label"])
+            losses.append(torch.nn.functional.mse_loss(out[:, :3], noise).item())
+    assert first == second == pytest.approx(sum(losses) / 2, rel=1e-6)
+
+
+def test_pretraining_validation_leaves_training_bit_identical(tmp_path):
+    # Without label dropout: with it, the dropout draws come from the global RNG, which the validation DataLoader's
+    # iterator advances (its base seed), so validating changes which labels later steps drop, val loss or not.
+    def weights(validate: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        module = _module(class_dropout_prob=0.0, sampling=SamplingSettings(num_samples=2, num_steps=2, cfg_scale=None))
+        trainer = quiet_trainer(
+            max_steps=6, val_check_interval=2, limit_val_batches=1 if validate else 0, default_root_dir=tmp_path
+        )
+        train = DataLoader(ProceduralClasses("train", 64, 16), batch_size=8, shuffle=True)
+        trainer.fit(module, train, DataLoader(ProceduralClasses("val", 8, 16), batch_size=8))
+        assert ("val/loss" in trainer.callback_metrics) == validate
+        return torch.cat([p.detach().flatten() for p in module.net.parameters()])
+
+    assert torch.equal(weights(True), weights(False))
+
+
 def test_pretraining_cfg_scale_one_equals_conditional_sampling():
     module = _module()
     _randomize(module.net)

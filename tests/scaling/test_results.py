@@ -37,14 +37,23 @@ GENERALIST_KEYS = [
 def test_row_from_run_of_a_generalist_test_has_one_key_per_task_and_metric(tmp_path):
     names = ["depth", "flow", "amodal"]
     test = [cls("test", 16, 16) for cls in (ProceduralDepth, ProceduralFlow, ProceduralAmodal)]
-    dm = MultiTaskDataModule(names=names, train=test, test=test, ratios=[1, 1, 1], length=8, batch_size=4,
-                             eval_batch_size=4)
+    dm = MultiTaskDataModule(
+        names=names, train=test, test=test, ratios=[1, 1, 1], length=8, batch_size=4, eval_batch_size=4
+    )
     module = tiny_finetuning([DepthTask(min_depth=0.1, max_depth=30.0), FlowTask(), AmodalTask()], patch_size=4)
     run = tmp_path / "tts" / "point"
     trainer = quiet_trainer(limit_test_batches=1, default_root_dir=run)
     trainer.test(module, datamodule=dm)
-    point = Point("point", "tts", {"model.init_args.inference.num_steps": 1}, {}, {"tokens": 16}, run, [],
-                  checkpoint=str(tmp_path / "fit" / "checkpoints" / "last.ckpt"))  # a fit with no train_macs.json
+    point = Point(
+        "point",
+        "tts",
+        {"model.init_args.inference.num_steps": 1},
+        {},
+        {"tokens": 16},
+        run,
+        [],
+        checkpoint=str(tmp_path / "fit" / "checkpoints" / "last.ckpt"),
+    )  # a fit with no train_macs.json
 
     row = row_from_run(point)
 
@@ -73,3 +82,29 @@ def test_read_results_keeps_the_last_row_of_a_point_and_skips_a_torn_line(tmp_pa
         f.write('{"point": "b", "status": "fa')  # a writer killed mid-line
     assert read_results(path) == {"a": {"point": "a", "status": "ok"}, "b": {"point": "b", "status": "ok", "x": 1.5}}
     assert read_results(tmp_path / "missing.jsonl") == {}
+
+
+def test_row_from_run_copies_final_losses_and_flattened_laws_and_reads_older_files(tmp_path):
+    run = tmp_path / "fit" / "p"
+    run.mkdir(parents=True)
+    point = Point("p", "fit", {}, {}, {}, run, [], test=False)
+    law = {"a": 2.0, "b": -0.1, "b_low": -0.2, "b_high": 0.0, "r2": 0.9, "n": 4, "x_min": 10.0, "x_max": 1000.0}
+    record = {
+        "compute/train_macs": 1000,
+        "global_step": 3,
+        "loss/train": 0.25,
+        "loss/val": 0.5,
+        "laws": {"val/depth/abs_rel": law, "train/loss": {**law, "b": -0.3}},
+    }
+    (run / "train_macs.json").write_text(json.dumps(record))
+    row = row_from_run(point)
+    new = {k: v for k, v in row.items() if k.startswith(("loss/", "law/"))}
+    assert len(new) == 2 + 2 * 8
+    assert (new["loss/train"], new["loss/val"]) == (0.25, 0.5)
+    assert new["law/val/depth/abs_rel/b"] == -0.1 and new["law/train/loss/b"] == -0.3
+    assert new["law/val/depth/abs_rel/n"] == 4 and new["law/val/depth/abs_rel/x_max"] == 1000.0
+    # A train_macs.json from before the losses and laws: those keys are absent from the row, not NaN or None.
+    (run / "train_macs.json").write_text(json.dumps({"compute/train_macs": 1000, "global_step": 3}))
+    row = row_from_run(point)
+    assert not [k for k in row if k.startswith(("loss/", "law/"))]
+    assert (row["compute/train_macs"], row["trainer.global_step"], row["compute/total_train_macs"]) == (1000, 3, 1000)
