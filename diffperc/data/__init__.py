@@ -11,7 +11,13 @@
 from diffperc.data.datamodule import PerceptionDataModule
 from diffperc.data.latents import LatentCache, cache_latents
 from diffperc.data.mixture import MixtureDataset, MultiTaskDataModule
-from diffperc.data.procedural import ProceduralAmodal, ProceduralClasses, ProceduralDepth, ProceduralFlow
+from diffperc.data.procedural import (
+    ProceduralAmodal,
+    ProceduralClasses,
+    ProceduralDepth,
+    ProceduralFlow,
+    ProceduralSceneClasses,
+)
 from diffperc.data.real import (
     DEPTH_EVAL_DATASETS,
     DIODEDataset,
@@ -50,6 +56,7 @@ __all__ = [
     "ProceduralClasses",
     "ProceduralDepth",
     "ProceduralFlow",
+    "ProceduralSceneClasses",
     "ScanNetDataset",
     "cache_latents",
 ]

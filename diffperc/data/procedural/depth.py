@@ -2,8 +2,11 @@
 
 Each scene is ray-cast analytically: a pinhole camera at the origin looks down +z into a room (floor, back wall,
 optional side walls) holding a few boxes, spheres and cylinders, all textured and Lambert-shaded. Depth is the exact
-planar depth (z) of the first hit. Samples/s: ``python benchmarks/bench_data.py``.
+planar depth (z) of the first hit. A `SceneStyle` narrows the random layout and materials (the scene classes of
+``scenes.py``); the default style draws the scenes of `ProceduralDepth`. Samples/s: ``python benchmarks/bench_data.py``.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,31 +31,98 @@ class _Rays:
         return cls._cache[key]
 
 
-def render_depth_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Renders one scene: returns an RGB image (H, W, 3) float32 in [0, 1] and its planar depth (H, W) in metres."""
-    dx, dy = _Rays.get(h, w, fov_deg=float(rng.choice([55.0, 65.0, 75.0])))
+@dataclass(frozen=True)
+class SceneStyle:
+    """The ranges a scene's layout and materials are drawn from; the defaults draw `ProceduralDepth`'s scenes.
+
+    Ranges ``(low, high)`` are uniform draws; counts ``(low, high)`` are integers in [low, high). The default style
+    makes the same random draws in the same order as every other style, so its scenes never change.
+
+    Args:
+        fov_deg: Field-of-view choices in degrees.
+        camera_height: Camera height above the floor (m).
+        room_depth: Distance of the back wall (m).
+        room_width: Half-width of the room (m): where the side walls stand and how far out objects are placed.
+        side_walls: Whether the room has side walls; without them the floor runs out to the back wall (a hall).
+        num_boxes: Box count range.
+        num_spheres: Sphere count range.
+        num_cylinders: Vertical cylinder count range.
+        object_height: Height range of boxes and cylinders (m).
+        colour_low: Per-channel lower bound of each surface's base colour (RGB in [0, 1]).
+        colour_high: Per-channel upper bound of each surface's base colour.
+        saturation: Base colours pulled towards their grey (0 = grey surfaces, 1 = as drawn).
+        texture_kinds: Textures surfaces choose from, uniformly: 0 checker, 1 stripes, 2 plain.
+        texture_frequency: Texture frequency range (cycles per metre, roughly).
+    """
+
+    fov_deg: tuple[float, ...] = (55.0, 65.0, 75.0)
+    camera_height: tuple[float, float] = (0.8, 1.8)
+    room_depth: tuple[float, float] = (6.0, 14.0)
+    room_width: tuple[float, float] = (2.0, 5.0)
+    side_walls: bool = True
+    num_boxes: tuple[int, int] = (1, 4)
+    num_spheres: tuple[int, int] = (0, 3)
+    num_cylinders: tuple[int, int] = (0, 3)
+    object_height: tuple[float, float] = (0.3, 2.0)
+    colour_low: tuple[float, float, float] = (0.1, 0.1, 0.1)
+    colour_high: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    saturation: float = 1.0
+    texture_kinds: tuple[int, ...] = (0, 1, 2)
+    texture_frequency: tuple[float, float] = (0.8, 4.0)
+
+    def __post_init__(self):
+        if not self.fov_deg or not all(0 < f < 180 for f in self.fov_deg):
+            raise ValueError(f"`SceneStyle.fov_deg` must be angles in (0, 180), got {self.fov_deg}")
+        if self.room_depth[0] <= 2.5:
+            raise ValueError(
+                f"`SceneStyle.room_depth` must start beyond 2.5 m (objects stand at 1.5 m or more), got "
+                f"{self.room_depth}"
+            )
+        for key in ("num_boxes", "num_spheres", "num_cylinders"):
+            low, high = getattr(self, key)
+            if not 0 <= low < high:
+                raise ValueError(f"`SceneStyle.{key}` must be integers 0 <= low < high, got {(low, high)}")
+        if not self.texture_kinds or not set(self.texture_kinds) <= {0, 1, 2}:
+            raise ValueError(
+                f"`SceneStyle.texture_kinds` must be a non-empty subset of 0, 1, 2; got {self.texture_kinds}"
+            )
+
+
+DEFAULT_STYLE = SceneStyle()
+
+
+def render_depth_scene(
+    rng: np.random.Generator, h: int, w: int, style: SceneStyle = DEFAULT_STYLE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Renders one scene: returns an RGB image (H, W, 3) float32 in [0, 1] and its planar depth (H, W) in metres.
+
+    ``style`` sets the ranges the layout and materials are drawn from (`SceneStyle`); the default gives
+    `ProceduralDepth`'s scenes, pixel for pixel.
+    """
+    dx, dy = _Rays.get(h, w, fov_deg=float(rng.choice(list(style.fov_deg))))
     P = dx.shape[0]
     inf = np.float32(np.inf)
     f32 = np.float32
 
     # 1. The room: floor at y = -cam_h, back wall at z = room_d, side walls at x = -room_w / +room_w.
-    cam_h = rng.uniform(0.8, 1.8)
-    room_d = rng.uniform(6.0, 14.0)
-    room_w = rng.uniform(2.0, 5.0)
+    cam_h = rng.uniform(*style.camera_height)
+    room_d = rng.uniform(*style.room_depth)
+    room_w = rng.uniform(*style.room_width)
     t_all = np.full((4, P), inf, dtype=f32)
     t_all[0] = np.where(dy < 0, -cam_h / np.minimum(dy, -1e-9), inf)  # floor
     t_all[1] = room_d  # back wall
-    t_all[2] = np.where(dx < 0, -room_w / np.minimum(dx, -1e-9), inf)  # left wall
-    t_all[3] = np.where(dx > 0, room_w / np.maximum(dx, 1e-9), inf)  # right wall
+    if style.side_walls:  # else they stay at infinity: never hit
+        t_all[2] = np.where(dx < 0, -room_w / np.minimum(dx, -1e-9), inf)  # left wall
+        t_all[3] = np.where(dx > 0, room_w / np.maximum(dx, 1e-9), inf)  # right wall
     plane_normals = np.array([[0, 1, 0], [0, 0, -1], [1, 0, 0], [-1, 0, 0]], dtype=f32)  # (4, 3)
 
     # 2. Objects standing on the floor: K boxes (slab test), spheres and vertical cylinders (quadratics).
-    k_box, k_sph, k_cyl = rng.integers(1, 4), rng.integers(0, 3), rng.integers(0, 3)
+    k_box, k_sph, k_cyl = (rng.integers(*r) for r in (style.num_boxes, style.num_spheres, style.num_cylinders))
     n_obj = k_box + k_sph + k_cyl
     cx = (rng.uniform(-0.8, 0.8, n_obj) * room_w).astype(f32)
     cz = rng.uniform(1.5, room_d - 1.0, n_obj).astype(f32)
     size = rng.uniform(0.3, 1.2, n_obj).astype(f32)
-    height = rng.uniform(0.3, 2.0, n_obj).astype(f32)
+    height = rng.uniform(*style.object_height, n_obj).astype(f32)
     cam_h = f32(cam_h)
     obj_t = np.full((n_obj, P), inf, dtype=f32)
     obj_n = np.zeros((n_obj, 3, P), dtype=f32)
@@ -118,10 +188,14 @@ def render_depth_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.nda
 
     # 4. Texture: per-surface colours mixed by a checker or a stripe pattern in world coordinates.
     num_s = t_all.shape[0]
-    col_a = rng.uniform(0.1, 1.0, (num_s, 3)).astype(f32)
+    col_a = rng.uniform(style.colour_low, style.colour_high, (num_s, 3)).astype(f32)
+    if style.saturation != 1.0:  # skipped by the default style, whose colours stay exactly as drawn
+        grey = col_a.mean(1, keepdims=True)
+        col_a = grey + f32(style.saturation) * (col_a - grey)
     col_b = col_a * rng.uniform(0.2, 0.8, (num_s, 1)).astype(f32)
-    freq = rng.uniform(0.8, 4.0, num_s).astype(f32)
-    kind = rng.integers(0, 3, num_s)  # 0 checker, 1 stripes, 2 plain
+    freq = rng.uniform(*style.texture_frequency, num_s).astype(f32)
+    # 0 checker, 1 stripes, 2 plain; the default's kinds (0, 1, 2) index themselves: the draw of integers(0, 3).
+    kind = np.asarray(style.texture_kinds)[rng.integers(0, len(style.texture_kinds), num_s)]
     p = depth * d  # (3, P) world points
     f = np.take(freq, sid)  # np.take: much faster than fancy indexing for these gathers
     checker = (np.floor(p[0] * f) + np.floor(p[1] * f) + np.floor(p[2] * f)) % 2
