@@ -144,6 +144,11 @@ def export_config(
     training image size, and the codec downsample x the patch size).
     """
     hparams = found.hparams
+    if record.get("objective"):
+        raise ValueError(
+            f"`--ckpt_path` {ckpt} is a one-step model ({record['objective']}): export writes diffusion models, "
+            "which the pipeline samples; test the one-step model with `diffperc test` and its config"
+        )
     names = list(record.get("tasks") or ([record["task"]] if record.get("task") else []))
     if not names:
         raise ValueError(

@@ -212,13 +212,26 @@ class Recipes:
         return self._fitted[key]
 
 
+def _accepted(class_path: str, init_args: dict) -> dict:
+    """The ``init_args`` that the class ``class_path`` takes (all of them when its ``__init__`` takes ``**kwargs``)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), name).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(init_args)
+    return {k: v for k, v in init_args.items() if k in params}
+
+
 def _merge(base, override):
     """``override`` composed onto ``base`` as repeated ``--config`` files compose: dicts merge key by key (a changed
-    ``class_path`` replaces its ``init_args``), anything else is replaced."""
+    ``class_path`` keeps the ``init_args`` the new class takes, as jsonargparse does), anything else is replaced."""
     if not (isinstance(base, dict) and isinstance(override, dict)):
         return copy.deepcopy(override)
     if "class_path" in override and override["class_path"] != base.get("class_path"):
-        return copy.deepcopy(override)
+        kept = _accepted(override["class_path"], base.get("init_args") or {}) if base.get("class_path") else {}
+        return {**copy.deepcopy(override), "init_args": _merge(kept, override.get("init_args") or {})}
     merged = dict(base)
     for key, value in override.items():
         merged[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)

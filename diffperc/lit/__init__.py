@@ -1,6 +1,7 @@
 """LightningModules: the training recipes (timestep sampling, noising, loss) around injected networks."""
 
 from diffperc.lit.base import DiffusionModule, EMASettings
+from diffperc.lit.e2e import OneStepFinetuning
 from diffperc.lit.finetuning import PerceptionFinetuning
 from diffperc.lit.pretraining import DiffusionPretraining, SamplingSettings
 from diffperc.lit.schedules import ExponentialDecayLR
@@ -12,6 +13,7 @@ __all__ = [
     "DiffusionPretraining",
     "EMASettings",
     "ExponentialDecayLR",
+    "OneStepFinetuning",
     "PerceptionFinetuning",
     "SamplingSettings",
     "Upcycle",

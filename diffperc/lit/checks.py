@@ -211,6 +211,10 @@ def record_mismatch(checkpoint: Mapping, module, *, weights: bool = True) -> str
     record = checkpoint.get("diffperc") or {}
     hparams = checkpoint.get("hyper_parameters") or {}
     diffusion = record.get("diffusion") or hparams.get("diffusion")
+    objective, expected = record.get("objective"), getattr(module, "objective", None)
+    if objective != expected:  # a one-step (e2e) model's weights fit a denoiser's network but are no denoiser
+        return (f"checkpoint was trained as {objective or 'a diffusion model'}, this module is "
+                f"{expected or 'a diffusion model'}: test it with the config it was trained with")
     found = (
         _task_mismatch(record, module)
         or (_diffusion_mismatch(diffusion, module) if isinstance(diffusion, Mapping) else None)
