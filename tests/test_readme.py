@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: README commands that cannot run on this machine, with the reason; everything else runs below.
 CANNOT_RUN = {
     "make test": "it is this suite (CI runs it through .ci/run)",
-    "make reproduce-tiny": "runs seven sweeps for about 15 minutes; test_e2e_sweeps runs every tiny sweep's points",
+    "make reproduce-tiny": "runs nine sweeps under two recipes and three seeds for about an hour; test_e2e_sweeps runs "
+    "every tiny sweep's points and tests/scaling/test_reproduce.py its rules",
 }
 
 
