@@ -109,13 +109,7 @@ def plot_groups(series, path: str | os.PathLike, xlabel: str, ylabel: str, title
     # Readable log ticks: decades labelled as 10^k, and the minor ticks too when fewer than two decades are in view
     # (a log axis with no decade in view would show no label at all).
     ax.autoscale_view()
-    _label_log_axis(ax.xaxis, *ax.get_xlim())
-    if positive:
-        _label_log_axis(ax.yaxis, *ax.get_ylim())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
+    _label_axes(ax, xlabel, ylabel, title, positive)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -246,13 +240,7 @@ def plot_claim(
     order = {text: k for k, text in enumerate(labels)}
     pairs = sorted(zip(handles, texts, strict=True), key=lambda p: order.get(p[1], len(order)))
     ax.legend([p[0] for p in pairs], [p[1] for p in pairs], fontsize=7)
-    _label_log_axis(ax.xaxis, *ax.get_xlim())
-    if positive:
-        _label_log_axis(ax.yaxis, *ax.get_ylim())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
+    _label_axes(ax, xlabel, ylabel, title, positive)
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     fig.tight_layout()
@@ -304,6 +292,17 @@ def _inner_ticks(lo: float, hi: float) -> list[float]:
         linear = ticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
         ticks = [float(v) for v in linear if lo <= v <= hi and v not in majors]
     return ticks
+
+
+def _label_axes(ax, xlabel: str, ylabel: str, title: str | None, log_y: bool) -> None:
+    """Tick labels on the log axes (x always, y when ``log_y``), axis labels and the title."""
+    _label_log_axis(ax.xaxis, *ax.get_xlim())
+    if log_y:
+        _label_log_axis(ax.yaxis, *ax.get_ylim())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
 
 
 def _label_log_axis(axis, lo: float, hi: float) -> None:

@@ -78,6 +78,9 @@ class ProceduralClasses(ProceduralDataset):
         num_classes: Use the first ``num_classes`` of the 10 classes.
     """
 
+    #: The class names, in label order (a subclass with other classes names its own).
+    class_names: tuple[str, ...] = tuple(CLASS_NAMES)
+
     def __init__(
         self,
         split: str = "train",
@@ -87,13 +90,14 @@ class ProceduralClasses(ProceduralDataset):
         num_classes: int = len(CLASS_NAMES),
     ):
         super().__init__(split, length, resolution, seed)
-        if not 1 <= num_classes <= len(CLASS_NAMES):
-            raise ValueError(f"`num_classes` must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
+        names = type(self).class_names
+        if not 1 <= num_classes <= len(names):
+            raise ValueError(f"`num_classes` must be in [1, {len(names)}], got {num_classes}")
         self.num_classes = num_classes
 
     def __getitem__(self, index: int) -> dict:
         sample = super().__getitem__(index)
-        sample["name"] += f"_{CLASS_NAMES[sample['label']]}"
+        sample["name"] += f"_{type(self).class_names[sample['label']]}"
         return sample
 
     def sample(self, rng: np.random.Generator, index: int) -> dict:

@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from diffperc.data.procedural.base import ProceduralDataset, signed_chw
+from diffperc.data.procedural.base import signed_chw
+from diffperc.data.procedural.classes import ProceduralClasses
 from diffperc.data.procedural.depth import SceneStyle, render_depth_scene
 
 # Layouts: where the walls stand and what stands on the floor. Materials: the surfaces' colours and textures.
@@ -59,7 +60,7 @@ SCENE_CLASSES: dict[str, SceneStyle] = {
 SCENE_CLASS_NAMES = tuple(SCENE_CLASSES)
 
 
-class ProceduralSceneClasses(ProceduralDataset):
+class ProceduralSceneClasses(ProceduralClasses):
     """Depth-scene images labelled by layout and material, generated from (seed, split, index), for pretraining.
 
     Samples are ``{"image": (3, H, W) float in [-1, 1], "label": int, "name": str}`` like `ProceduralClasses`;
@@ -74,6 +75,8 @@ class ProceduralSceneClasses(ProceduralDataset):
         num_classes: Use the first ``num_classes`` of the 9 classes (set ``--model.init_args.num_classes`` to it).
     """
 
+    class_names = SCENE_CLASS_NAMES
+
     def __init__(
         self,
         split: str = "train",
@@ -82,15 +85,7 @@ class ProceduralSceneClasses(ProceduralDataset):
         seed: int = 0,
         num_classes: int = len(SCENE_CLASS_NAMES),
     ):
-        super().__init__(split, length, resolution, seed)
-        if not 1 <= num_classes <= len(SCENE_CLASS_NAMES):
-            raise ValueError(f"`num_classes` must be in [1, {len(SCENE_CLASS_NAMES)}], got {num_classes}")
-        self.num_classes = num_classes
-
-    def __getitem__(self, index: int) -> dict:
-        sample = super().__getitem__(index)
-        sample["name"] += f"_{SCENE_CLASS_NAMES[sample['label']]}"
-        return sample
+        super().__init__(split, length, resolution, seed, num_classes)
 
     def sample(self, rng: np.random.Generator, index: int) -> dict:
         label = index % self.num_classes
