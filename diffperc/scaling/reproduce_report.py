@@ -117,7 +117,7 @@ def _loss_laws(claim: Claim, arms, rows_of: Mapping) -> list[str]:
     return lines
 
 
-def _reason(claim: Claim, per_arm: Mapping, arms) -> list[str]:
+def _reason(claim: Claim, per_arm: Mapping) -> list[str]:
     """What differs between the arms where their verdicts differ, with the mechanism this claim exposes."""
     verdicts = {name: v[1] for name, v in per_arm.items()}
     if len(set(verdicts.values())) < 2:
@@ -205,7 +205,7 @@ def markdown(results: list, arms, rows_of: Mapping, figures: Mapping, wall_s: fl
         laws = _loss_laws(claim, arms, rows_of)
         if laws:
             lines += ["Loss laws (a loss depends on the prediction type: compare within an arm):", *laws, ""]
-        lines += _reason(claim, per_arm, arms)
+        lines += _reason(claim, per_arm)
         if claim.sweep in figures:
             lines += ["", f"![{claim.title}]({figures[claim.sweep]})"]
         lines.append("")
