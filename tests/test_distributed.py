@@ -148,12 +148,14 @@ def single_process_weights(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> dict[str, Path]:
-    """One 2-process torchrun (start-up is most of its cost) fits the dense DiT, then the MoE with an idle expert."""
+    """One 2-process torchrun (start-up is most of its cost) fits with DDP the dense DiT, the MoE with an idle expert
+    and the pretraining DiT, then the dense DiT again with FSDP2 and activation checkpointing."""
     folder = tmp_path_factory.mktemp("ddp")
-    extra = ("--moe-out", str(folder / "ddp_moe.ckpt"), "--pretrain-out", str(folder / "ddp_pretrain.ckpt"))
-    seconds = _torchrun("ddp", folder / "ddp.ckpt", extra)
-    print(f"2-process DDP on CPU, dense, MoE, pretraining: {seconds:.1f} s for 3 x {STEPS} steps, with start-up")
-    return {"dense": folder / "ddp.ckpt", "moe": folder / "ddp_moe.ckpt", "pretrain": folder / "ddp_pretrain.ckpt"}
+    runs = {name: folder / f"{name}.ckpt" for name in ("dense", "moe", "pretrain", "fsdp2")}
+    extra = ("--moe-out", runs["moe"], "--pretrain-out", runs["pretrain"], "--fsdp2-out", runs["fsdp2"])
+    seconds = _torchrun("ddp", runs["dense"], tuple(map(str, extra)))
+    print(f"2-process DDP (dense, MoE, pretraining) and FSDP2 on CPU: {seconds:.1f} s for 4 x {STEPS} steps")
+    return runs
 
 
 def test_ddp_pretraining_draws_different_noise_on_each_rank(ddp_runs, tmp_path):
@@ -196,11 +198,8 @@ def test_plain_ddp_trains_an_moe_whose_expert_gets_no_token(ddp_runs):
 
 
 @pytest.mark.slow
-def test_fsdp2_two_processes_match_one_process(tmp_path, single_process_weights):
-    out = tmp_path / "fsdp2.ckpt"
-    seconds = _torchrun("fsdp2", out, ("--activation-checkpointing",))
-    print(f"2-process FSDP2 (+ activation checkpointing) on CPU: {seconds:.1f} s for {STEPS} steps, incl. start-up")
-    _assert_same_weights(_net_state(out), single_process_weights)
+def test_fsdp2_two_processes_match_one_process(ddp_runs, single_process_weights):
+    _assert_same_weights(_net_state(ddp_runs["fsdp2"]), single_process_weights)
 
 
 @pytest.mark.slow
@@ -314,6 +313,7 @@ def _main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--moe-out", type=Path, help="then also fit the upcycled tiny DiT whose expert 3 gets no token")
     parser.add_argument("--pretrain-out", type=Path, help="then also fit a tiny class-conditional pretraining DiT")
+    parser.add_argument("--fsdp2-out", type=Path, help="then also fit the dense DiT with FSDP2 and checkpointing")
     args = parser.parse_args()
     start = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -322,6 +322,8 @@ def _main() -> None:
         _fit(args.strategy, world, args.moe_out, moe=True)
     if args.pretrain_out:
         _fit(args.strategy, world, args.pretrain_out, pretrain=True)
+    if args.fsdp2_out:  # FSDP2 builds its device mesh over the process group DDP started
+        _fit("fsdp2", world, args.fsdp2_out, activation_checkpointing=True)
     if os.environ.get("RANK", "0") == "0":
         print(f"{args.strategy}: Trainer.fit + save {time.perf_counter() - start:.2f} s")
 

@@ -1,9 +1,7 @@
 """``PerceptionPipeline``: predictions equal to ``diffperc predict``'s for the same checkpoint and image, every input
 type alike, each task's output, loading from a Hugging Face cache offline, and one-line errors for wrong inputs."""
 
-import os
 import shutil
-import sys
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from test_export import fit_tiny_run, net_inputs
 from torch.utils.data import default_collate
 
 from diffperc import PerceptionOutput, PerceptionPipeline
+from diffperc.cli import main
 from diffperc.data.real.images import ImageFolder
 from diffperc.data.viz import colorize_depth
 from diffperc.diffusion import InferenceSettings
@@ -23,7 +22,6 @@ from diffperc.export import export_model
 from diffperc.predict import restore_size
 
 import tiny_runs
-from helpers import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +58,7 @@ def inputs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_pipeline_predicts_exactly_what_diffperc_predict_writes(recipes, inputs, tmp_path):
+def test_pipeline_predicts_exactly_what_diffperc_predict_writes(recipes, inputs, tmp_path, monkeypatch):
     # The depth quickstart shrunk by tiny_runs (2 steps, 16 px, 2 DDIM steps, an ensemble of 3), exported.
     config, run = recipes.fit("configs/quickstart/depth.yaml")
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -70,10 +68,8 @@ def test_pipeline_predicts_exactly_what_diffperc_predict_writes(recipes, inputs,
         in (tmp_path / "export" / "README.md").read_text()
     )
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "diffperc",
+    # `diffperc predict` in this process (the command line's own path, `main`), with the Hub offline.
+    args = [
         "predict",
         *tiny_runs.config_args(ROOT / "configs/quickstart/depth.yaml"),
         "--config",
@@ -85,9 +81,12 @@ def test_pipeline_predicts_exactly_what_diffperc_predict_writes(recipes, inputs,
         "--trainer.logger.init_args.save_dir",
         str(tmp_path / "cli"),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = run_isolated(cmd, cwd=tmp_path, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    precision = torch.get_float32_matmul_precision()
+    try:
+        main([str(a) for a in args])
+    finally:
+        torch.set_float32_matmul_precision(precision)  # `main` sets it for the command
     written = tmp_path / "cli" / "quickstart_depth" / "predictions"
 
     out = pipe(inputs / "depth" / "room.png")
