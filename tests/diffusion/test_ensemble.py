@@ -2,6 +2,8 @@
 
 import importlib.util
 import math
+import sys
+import types
 
 import pytest
 import scipy.optimize
@@ -9,7 +11,23 @@ import torch
 
 from diffperc.diffusion.ensemble import _alignment_cost, _fit_alignment, ensemble
 
-_NO_TRANSFORMERS = importlib.util.find_spec("transformers") is None
+
+def _marigold_depth_pipeline(monkeypatch) -> type:
+    """diffusers' ``MarigoldDepthPipeline``, the reference for median compilation (its static ``ensemble_depth``).
+
+    Its module imports transformers' CLIP classes for the pipeline's text encoder, which ``ensemble_depth`` never
+    touches; transformers is no dependency of diffperc (and costs every process a second of import through
+    torchmetrics), so where it is not installed two empty classes stand in for those names while the module loads.
+    """
+    import diffusers.pipelines  # noqa: F401  (diffusers looks transformers up once, when it is imported)
+
+    if importlib.util.find_spec("transformers") is None:
+        names = types.ModuleType("transformers")
+        names.CLIPTextModel, names.CLIPTokenizer = type("CLIPTextModel", (), {}), type("CLIPTokenizer", (), {})
+        monkeypatch.setitem(sys.modules, "transformers", names)
+    from diffusers.pipelines.marigold.pipeline_marigold_depth import MarigoldDepthPipeline
+
+    return MarigoldDepthPipeline
 
 
 def _perturbed_copies(depth: torch.Tensor, num_members: int, noise: float, seed: int) -> torch.Tensor:
@@ -118,10 +136,9 @@ def test_ensemble_median_compilation_fit_lowers_cost():
     assert cost(*fit) < cost(init_scale, -init_scale * lo_hi[0]) - 1e-3
 
 
-@pytest.mark.skipif(_NO_TRANSFORMERS, reason="diffusers' Marigold pipeline module imports transformers")
 @pytest.mark.parametrize("reduction", ["median", "mean"])
 def test_ensemble_median_compilation_matches_diffusers(reduction, monkeypatch):
-    from diffusers.pipelines.marigold.pipeline_marigold_depth import MarigoldDepthPipeline
+    MarigoldDepthPipeline = _marigold_depth_pipeline(monkeypatch)
 
     settings = dict(reduction=reduction, regularizer_strength=0.02, tol=1e-3, max_res=50)
     depth = torch.rand(1, 1, 40, 64, generator=torch.Generator().manual_seed(5))
@@ -175,9 +192,8 @@ def test_ensemble_median_compilation_runs_without_autograd(mode):
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
-@pytest.mark.skipif(_NO_TRANSFORMERS, reason="diffusers' Marigold pipeline module imports transformers")
-def test_ensemble_median_compilation_agrees_with_diffusers_under_inference_mode():
-    from diffusers.pipelines.marigold.pipeline_marigold_depth import MarigoldDepthPipeline
+def test_ensemble_median_compilation_agrees_with_diffusers_under_inference_mode(monkeypatch):
+    MarigoldDepthPipeline = _marigold_depth_pipeline(monkeypatch)
 
     depth = torch.rand(1, 1, 40, 64, generator=torch.Generator().manual_seed(12))
     members = _perturbed_copies(depth, 5, 0.03, 13)[:, 0]  # (N, 1, H, W), values around [0, 1]
