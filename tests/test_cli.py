@@ -201,6 +201,25 @@ def test_cli_runs_each_default_callback_once(tmp_path):
         assert added == [] and "RichProgressBar" not in names
 
 
+def test_a_config_dumped_again_unchanged_reuses_its_text_and_a_changed_one_is_dumped_anew(tmp_path):
+    # A command dumps its config for the model's hyper-parameters, then for config.yaml: the second dump of the same,
+    # unchanged namespace is the first's text; after a change (or for another namespace) the dump is made again.
+    save_dir = ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    cli = DiffpercCLI(args=["--config", str(QUICKSTART), *save_dir], run=False)
+    first = cli.parser.dump(cli.config)
+    assert cli.parser.dump(cli.config) is first
+    shipped = yaml.safe_load(QUICKSTART.read_text())["trainer"]["max_steps"]
+    assert yaml.safe_load(first)["trainer"]["max_steps"] == shipped != 7
+    cli.config["trainer.max_steps"] = 7
+    changed = cli.parser.dump(cli.config)
+    assert yaml.safe_load(changed)["trainer"]["max_steps"] == 7
+    assert {k for k in yaml.safe_load(changed) if yaml.safe_load(changed)[k] != yaml.safe_load(first)[k]} == {"trainer"}
+    other = cli.config.clone()
+    other["trainer.max_steps"] = 9
+    assert yaml.safe_load(cli.parser.dump(other))["trainer"]["max_steps"] == 9
+    assert cli.parser.dump(cli.config) == changed
+
+
 def test_configure_callbacks_adds_the_defaults_to_a_trainer_without_them():
     from diffperc.callbacks import MACsCounter, NonFiniteGuard
 
