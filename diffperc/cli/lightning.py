@@ -28,8 +28,8 @@ class _DiffpercArgumentParser:
     """LightningCLI's parser; the config it prints (``--print_config``) and saves (``config.yaml``) lists the
     callbacks the model adds by default in ``trainer.callbacks`` (see ``with_default_callbacks``).
 
-    A command serialises its config twice (the model's hyper-parameters, then ``config.yaml``): the second dump of
-    an unchanged config returns the first one's text. Both are ~0.2 s each of re-serialising every class-typed value.
+    A command serialises its config twice (the model's hyper-parameters, then ``config.yaml``), each dump ~0.2 s of
+    re-serialising every class-typed value: the second dump of the same, unchanged config returns the first's text.
     """
 
     _last_dump: tuple | None = None  # (the namespace, a copy of it, the dump's options, the text)
