@@ -11,25 +11,33 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
+from lightning.pytorch.callbacks import ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.trainer.states import RunningStage
 
 
-class StepProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, with the training bar in optimizer steps: ``Training 120/800``."""
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        return "Training"
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar (tqdm comes with Lightning), with the training bar in optimizer steps out of
+    ``max_steps``: ``Training 120/800``, from the resumed step on, across epochs."""
 
     @property
     def total_train_batches(self) -> int | float:
         max_steps = self.trainer.max_steps
         return max_steps if max_steps and max_steps > 0 else super().total_train_batches
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        if self.progress is not None and self.train_progress_bar_id is not None:
-            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)  # a resumed run
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)  # a fresh bar of total_train_batches, at 0
+        self.train_progress_bar.set_description("Training")
+        self._show_step(trainer)  # where the run is: its resumed step, or the steps of the epochs before
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.train_progress_bar is not None and self._should_update(trainer.global_step, self.total_train_batches):
+            self._show_step(trainer)
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def _show_step(self, trainer) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.refresh()
 
     def get_metrics(self, trainer, pl_module) -> dict:
         # The training loss as last logged (every `log_every_n_steps`): reading it every step would cost a host sync.
@@ -38,13 +46,6 @@ class StepProgressBar(RichProgressBar):
         if loss is not None:
             metrics["train/loss"] = f"{float(loss):.4g}"
         return metrics
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()  # resumed mid-epoch
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
-        self.refresh()
 
 
 def batch_rows(batch: Any) -> int:

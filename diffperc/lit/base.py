@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import EMAWeightAveraging, RichProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+from lightning.pytorch.callbacks import EMAWeightAveraging, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from diffperc.codecs import Codec, PixelCodec
@@ -231,7 +230,7 @@ class DiffusionModule(LightningModule):
             {"class_path": "diffperc.callbacks.TrainingThroughput"},
             {"class_path": "diffperc.callbacks.PowerLawMonitor"},
         ]
-        if progress_bar and _RICH_AVAILABLE:  # without `rich`, Lightning's default is its tqdm bar: left as it is
+        if progress_bar:
             callbacks.append({"class_path": "diffperc.callbacks.StepProgressBar"})
         return callbacks
 
@@ -242,9 +241,14 @@ class DiffusionModule(LightningModule):
 
         trainer = self._trainer
         present = {type(cb) for cb in trainer.callbacks} if trainer is not None else set()
-        default_bar = trainer is not None and type(trainer.progress_bar_callback) is RichProgressBar
+        # StepProgressBar takes the place of Lightning's default bar: its tqdm bar (Lightning swaps a trainer callback
+        # for a model callback of a subclass), or its rich bar where `rich` is installed (taken out here).
+        bar = trainer.progress_bar_callback if trainer is not None else None
+        default_bar = type(bar) in (TQDMProgressBar, RichProgressBar)
         specs = self.default_callbacks(dict(self.hparams), progress_bar=default_bar)
         callbacks = [cb for cb in (instantiate_class((), spec) for spec in specs) if type(cb) not in present]
+        if type(bar) is RichProgressBar:
+            trainer.callbacks.remove(bar)
         if self.ema.decay is None:
             return callbacks
         # Lightning warns whenever a module defines `configure_model`; ours shards only under ModelParallelStrategy.

@@ -36,13 +36,20 @@ def test_fit_logs_throughput_and_test_logs_at_the_trained_step(tmp_path):
 
     dm = PerceptionDataModule(train=ProceduralDepth("train", 64, 16), test=ProceduralDepth("test", 8, 16), batch_size=4)
     logger = TensorBoardLogger(tmp_path, name="run", version="", default_hp_metric=False)
-    trainer = quiet_trainer(max_steps=STEPS, logger=logger, log_every_n_steps=1, limit_val_batches=0,
-                            enable_progress_bar=True, default_root_dir=tmp_path)
+    trainer = quiet_trainer(
+        max_steps=STEPS,
+        logger=logger,
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        enable_progress_bar=True,
+        default_root_dir=tmp_path,
+    )
     module = tiny_finetuning()
     trainer.fit(module, datamodule=dm)
     bars = [cb for cb in trainer.callbacks if isinstance(cb, StepProgressBar)]
     assert len(bars) == 1 and bars[0].total_train_batches == STEPS  # one bar, in steps of max_steps
-    assert bars[0]._get_train_description(0) == "Training"
+    shown = bars[0].train_progress_bar  # 64 samples in batches of 4: the 12 steps span one epoch of 16 batches
+    assert (shown.desc, shown.n, shown.total) == ("Training: ", STEPS, STEPS)  # tqdm shows "Training: 12/12"
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
 
