@@ -27,7 +27,9 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)  # a fresh bar of total_train_batches, at 0
         self.train_progress_bar.set_description("Training")
-        self._show_step(trainer)  # where the run is: its resumed step, or the steps of the epochs before
+        # Where the run is (its resumed step, or the steps of the epochs before); the rate counts from there.
+        self.train_progress_bar.initial = trainer.global_step
+        self._show_step(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.train_progress_bar is not None and self._should_update(trainer.global_step, self.total_train_batches):

@@ -36,14 +36,8 @@ def test_fit_logs_throughput_and_test_logs_at_the_trained_step(tmp_path):
 
     dm = PerceptionDataModule(train=ProceduralDepth("train", 64, 16), test=ProceduralDepth("test", 8, 16), batch_size=4)
     logger = TensorBoardLogger(tmp_path, name="run", version="", default_hp_metric=False)
-    trainer = quiet_trainer(
-        max_steps=STEPS,
-        logger=logger,
-        log_every_n_steps=1,
-        limit_val_batches=0,
-        enable_progress_bar=True,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=STEPS, logger=logger, log_every_n_steps=1, limit_val_batches=0,
+                            enable_progress_bar=True, default_root_dir=tmp_path)
     module = tiny_finetuning()
     trainer.fit(module, datamodule=dm)
     bars = [cb for cb in trainer.callbacks if isinstance(cb, StepProgressBar)]
@@ -73,3 +67,25 @@ def test_fit_logs_throughput_and_test_logs_at_the_trained_step(tmp_path):
     assert [step for step, _ in scalars["test/depth/abs_rel"]] == [STEPS]
     assert [step for step, _ in scalars["compute/test_macs_per_sample"]] == [STEPS]
     assert "hp_metric" not in scalars
+
+
+def test_step_bar_counts_steps_across_epochs_and_resumes_at_the_checkpoints_step(tmp_path):
+    from diffperc.data import PerceptionDataModule, ProceduralDepth
+
+    starts = []  # (bar position, rate origin) at each epoch start
+
+    class Watched(StepProgressBar):
+        def on_train_epoch_start(self, trainer, *args):
+            super().on_train_epoch_start(trainer, *args)
+            starts.append((self.train_progress_bar.n, self.train_progress_bar.initial))
+
+    dm = PerceptionDataModule(train=ProceduralDepth("train", 16, 16), batch_size=4)  # 4 steps per epoch
+    first = quiet_trainer(max_steps=6, enable_progress_bar=True, callbacks=[Watched()], limit_val_batches=0)
+    first.fit(tiny_finetuning(), datamodule=dm)
+    first.save_checkpoint(tmp_path / "step6.ckpt")
+    assert starts == [(0, 0), (4, 4)] and first.progress_bar_callback.train_progress_bar.n == 6
+    starts.clear()
+    resumed = quiet_trainer(max_steps=10, enable_progress_bar=True, callbacks=[Watched()], limit_val_batches=0)
+    resumed.fit(tiny_finetuning(), datamodule=dm, ckpt_path=tmp_path / "step6.ckpt")
+    bar = resumed.progress_bar_callback.train_progress_bar
+    assert starts[0] == (6, 6) and (bar.n, bar.total) == (10, 10)
