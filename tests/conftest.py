@@ -22,11 +22,18 @@ def _seed_and_dtype():
 
 @pytest.fixture(autouse=True)
 def _ensure_clean_repo():
-    """Tests write into tmp_path only: nothing new may appear at the repo root."""
-    before = {p.name for p in ROOT.iterdir()}
+    """Tests write into tmp_path only: nothing may appear or be rewritten at the repo root. A stray file left there
+    by an earlier run would hide a new one of the same name, so rewritten files count too."""
+    before = _root_files()
     yield
-    new = {p.name for p in ROOT.iterdir()} - before
-    assert not new, f"test left files in the repository root: {sorted(new)}"
+    after = _root_files()
+    touched = {name for name, mtime in after.items() if before.get(name, mtime - 1) != mtime}
+    assert not touched, f"test wrote files in the repository root: {sorted(touched)}"
+
+
+def _root_files() -> dict[str, int]:
+    """Each entry at the repo root -> its file's modification time (0 for folders, whose times change with use)."""
+    return {p.name: 0 if p.is_dir() else p.stat().st_mtime_ns for p in ROOT.iterdir()}
 
 
 @pytest.fixture(scope="session")

@@ -80,12 +80,13 @@ def test_step_bar_counts_steps_across_epochs_and_resumes_at_the_checkpoints_step
             starts.append((self.train_progress_bar.n, self.train_progress_bar.initial))
 
     dm = PerceptionDataModule(train=ProceduralDepth("train", 16, 16), batch_size=4)  # 4 steps per epoch
-    first = quiet_trainer(max_steps=6, enable_progress_bar=True, callbacks=[Watched()], limit_val_batches=0)
+    kw = dict(enable_progress_bar=True, limit_val_batches=0, default_root_dir=tmp_path)  # the MACs file goes there
+    first = quiet_trainer(max_steps=6, callbacks=[Watched()], **kw)
     first.fit(tiny_finetuning(), datamodule=dm)
     first.save_checkpoint(tmp_path / "step6.ckpt")
     assert starts == [(0, 0), (4, 4)] and first.progress_bar_callback.train_progress_bar.n == 6
     starts.clear()
-    resumed = quiet_trainer(max_steps=10, enable_progress_bar=True, callbacks=[Watched()], limit_val_batches=0)
+    resumed = quiet_trainer(max_steps=10, callbacks=[Watched()], **kw)
     resumed.fit(tiny_finetuning(), datamodule=dm, ckpt_path=tmp_path / "step6.ckpt")
     bar = resumed.progress_bar_callback.train_progress_bar
     assert starts[0] == (6, 6) and (bar.n, bar.total) == (10, 10)
