@@ -137,10 +137,16 @@ class DiffusionModule(LightningModule):
     def training_noise(self, x0: torch.Tensor, task_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise like ``x0`` and timesteps t ~ U{0, T - 1} for this batch: drawn from (noise_seed, batch counter,
         task) for this process's rows of the global batch, independent of the global RNG and exact on resume."""
-        rank, world = data_parallel_layout(self._trainer) if self._trainer is not None else (0, 1)
-        step = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else 0
+        step, rank, world = self.batch_position()
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         return draw_noise_and_timesteps(x0, num_timesteps, self.noise_seed, step, rank, world, task_id)
+
+    def batch_position(self) -> tuple[int, int, int]:
+        """(training batch counter, data-parallel rank, world size): what seeds this batch's training draws; the
+        counter survives resume. (0, 0, 1) outside a Trainer."""
+        if self._trainer is None:
+            return 0, 0, 1
+        return self.trainer.fit_loop.total_batch_idx, *data_parallel_layout(self._trainer)
 
     def validation_noise(self, x0: torch.Tensor, seed: int, *counters: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise like ``x0`` and timesteps t ~ U{0, T - 1} for the validation loss of one batch, from their own
@@ -151,7 +157,7 @@ class DiffusionModule(LightningModule):
         As for the training noise, the draw covers the global batch and this process keeps rows ``rank::world``, the
         samples Lightning's distributed validation sampler gives it: W processes with batch N draw what one process
         with batch W * N draws, so ``val/loss`` does not depend on the number of processes."""
-        rank, world = data_parallel_layout(self._trainer) if self._trainer is not None else (0, 1)
+        _, rank, world = self.batch_position()
         g = torch.Generator(device=x0.device).manual_seed(derive_seed(seed, *counters, stream=VAL_LOSS_STREAM))
         n, steps = x0.shape[0], self.noise_scheduler.config.num_train_timesteps
         noise = torch.randn((n * world, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype)

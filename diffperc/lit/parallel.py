@@ -1,6 +1,6 @@
 """Scaling a DiT over processes: FSDP2 (``fully_shard`` per DiT block, then the root) for Lightning's
 ``ModelParallelStrategy``, activation checkpointing of DiT blocks, and training noise that does not depend on how a
-global batch is split over processes.
+global batch is split over processes (nor on the global RNG).
 
 ``diffperc fit --config configs/quickstart/depth.yaml --config configs/trainer/fsdp2.yaml``
 """
@@ -12,6 +12,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffperc.seeding import derive_seed
+
+#: ``derive_seed`` stream of pretraining's label dropout (DDIM sampling uses streams 0 and 1, the validation loss 2).
+LABEL_DROP_STREAM = 3
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
@@ -126,3 +129,18 @@ def draw_noise_and_timesteps(
     t = torch.randint(0, num_timesteps, (n * world_size,), generator=g, device=x0.device)[rank::world_size]
     noise = torch.randn((n * world_size, *x0.shape[1:]), generator=g, device=x0.device, dtype=x0.dtype)
     return noise[rank::world_size].contiguous(), t.contiguous()
+
+
+def draw_label_drop(
+    n: int, prob: float, seed: int, step: int, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Which of this process's ``n`` labels classifier-free-guidance training replaces by the null label at ``step``:
+    a (n,) bool mask, each entry True with probability ``prob``.
+
+    Drawn like ``draw_noise_and_timesteps``: one draw over the global batch from its own generator, seeded by
+    ``derive_seed(seed, step, stream=LABEL_DROP_STREAM)``, of which rank ``r`` keeps entries ``r, r + W, ...``; so the
+    ranks drop different labels, a resumed run drops what it would have dropped, and neither the global RNG nor
+    validation changes which labels a step drops.
+    """
+    g = torch.Generator(device=device).manual_seed(derive_seed(seed, step, stream=LABEL_DROP_STREAM))
+    return torch.rand(n * world_size, generator=g, device=device)[rank::world_size] < prob

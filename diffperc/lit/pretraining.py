@@ -18,6 +18,7 @@ from diffperc.codecs import Codec
 from diffperc.data.viz import image_grid
 from diffperc.diffusion import DiffusionSettings, InferenceSettings, sample_ensemble, training_target
 from diffperc.lit.base import DiffusionModule, EMASettings, settings
+from diffperc.lit.parallel import draw_label_drop
 from diffperc.models import moe_config
 from diffperc.models.build import Backbone, build_network
 from diffperc.utils import atomic_write_bytes
@@ -166,14 +167,26 @@ class DiffusionPretraining(DiffusionModule):
         """MSE of the network's prediction for latents ``x0`` (N, C, h, w) noised at timesteps t (eq. 2).
 
         ``noise`` and ``t`` default to draws from ``generator`` (the global RNG when None): noise ~ N(0, I),
-        t ~ U{0, T - 1}. Label dropout happens inside the DiT while it is in training mode; sigma outputs are ignored.
+        t ~ U{0, T - 1}. In training mode labels are dropped as ``training_label_drop`` draws them; sigma outputs are
+        ignored.
         """
         if noise is None or t is None:
             steps = self.noise_scheduler.config.num_train_timesteps
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device=x0.device)
-        out = self.net(self._noised(x0, noise, t), t, y)[:, : self.latent_channels]
+        drop = self.training_label_drop(y) if self.net.training else None
+        out = self.net(self._noised(x0, noise, t), t, y, force_drop_ids=drop)[:, : self.latent_channels]
         return F.mse_loss(out.float(), training_target(self.noise_scheduler, x0, noise, t).float())
+
+    def training_label_drop(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Which labels of this batch classifier-free-guidance training drops (a bool mask like ``y``; None without
+        label dropout): drawn from (noise_seed, batch counter) for this process's rows of the global batch, like the
+        training noise, so neither the global RNG nor validation changes them and a resumed run drops the same."""
+        prob = self.net.y_embedder.dropout_prob
+        if prob == 0:
+            return None
+        step, rank, world = self.batch_position()
+        return draw_label_drop(y.shape[0], prob, self.noise_seed, step, rank, world, y.device)
 
     def net_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x0 = self._latents(batch)

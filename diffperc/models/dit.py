@@ -286,12 +286,17 @@ class DiT(nn.Module):
             self._pos_cache[key] = sincos_pos_embed(self.pos_embed.shape[-1], (h, w)).to(x.device, x.dtype)[None]
         return self._pos_cache[key]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Predicts noise (and sigma) for latents ``x`` (N, C, H, W) at timesteps ``t`` (N,) with labels ``y`` (N,)."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predicts noise (and sigma) for latents ``x`` (N, C, H, W) at timesteps ``t`` (N,) with labels ``y`` (N,).
+
+        ``force_drop_ids`` (N,): the labels to replace by the null label (where 1 / True) instead of the label
+        embedder's own random draw in training mode (DiT's ``LabelEmbedder.token_drop``)."""
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         # A task router (models/router.py) embeds each sample with its task's projection; y holds the task ids.
         x = self.x_embedder(x, y) + self._pos_embed_for(h, w, x)  # (N, T, D), where T = H * W / patch_size ** 2
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from diffperc.data import ProceduralClasses, ProceduralDepth
 from diffperc.lit import Backbone, DiffusionPretraining, EMASettings, PerceptionFinetuning, SamplingSettings, Upcycle
+from diffperc.lit.parallel import draw_label_drop
 from diffperc.models import DiT, build_model, parameter_counts
 from diffperc.models.pretrained import load_pretrained
 from diffperc.tasks import DepthTask
@@ -131,11 +132,14 @@ def test_pretraining_label_dropout_rate_is_honoured():
     n = 12000
     x0, y = torch.rand(n, 3, 8, 8) * 2 - 1, torch.randint(0, 10, (n,))
     module.train()
-    module.diffusion_loss(x0, y)
+    rng = torch.get_rng_state()
+    module.diffusion_loss(x0, y, noise=torch.zeros_like(x0), t=torch.zeros(n, dtype=torch.long))
+    assert torch.equal(torch.get_rng_state(), rng)  # the drop is drawn from its own seeded generator
     dropped = seen[-1] == 10  # the null label
     # 0.25 +- 5 standard deviations (sqrt(0.25 * 0.75 / 12000) = 0.004); kept labels are untouched.
     assert abs(dropped.float().mean().item() - 0.25) < 0.02
     assert torch.equal(seen[-1][~dropped], y[~dropped])
+    assert torch.equal(dropped, draw_label_drop(n, 0.25, seed=0, step=0))  # outside a Trainer: batch 0, rank 0 of 1
     module.eval()
     module.diffusion_loss(x0[:100], y[:100])
     assert torch.equal(seen[-1], y[:100])  # no dropout outside training
@@ -164,11 +168,11 @@ def test_pretraining_val_loss_is_the_eval_loss_on_its_own_fixed_noise(tmp_path):
 
 
 def test_pretraining_validation_leaves_training_bit_identical(tmp_path):
-    # Without label dropout: with it, the dropout draws come from the global RNG, which the validation DataLoader's
-    # iterator advances (its base seed), so validating changes which labels later steps drop, val loss or not.
+    # With DiT's label dropout (0.1): its draws come from (noise_seed, batch) like the training noise. Drawn from the
+    # global RNG, which the validation DataLoader's iterator advances (its base seed), they would differ.
     def weights(validate: bool) -> torch.Tensor:
         torch.manual_seed(0)
-        module = _module(class_dropout_prob=0.0, sampling=SamplingSettings(num_samples=2, num_steps=2, cfg_scale=None))
+        module = _module(sampling=SamplingSettings(num_samples=2, num_steps=2))
         trainer = quiet_trainer(
             max_steps=6, val_check_interval=2, limit_val_batches=1 if validate else 0, default_root_dir=tmp_path
         )
@@ -178,6 +182,15 @@ def test_pretraining_validation_leaves_training_bit_identical(tmp_path):
         return torch.cat([p.detach().flatten() for p in module.net.parameters()])
 
     assert torch.equal(weights(True), weights(False))
+
+
+def test_label_drop_rank_shares_tile_the_global_draw_and_change_with_the_step():
+    full = draw_label_drop(8, 0.5, seed=3, step=4)
+    shares = [draw_label_drop(4, 0.5, seed=3, step=4, rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(shares[0], full[0::2]) and torch.equal(shares[1], full[1::2])
+    assert not torch.equal(shares[0], shares[1])  # ranks drop different labels
+    assert not torch.equal(full, draw_label_drop(8, 0.5, seed=3, step=5))
+    assert not torch.equal(full, draw_label_drop(8, 0.5, seed=4, step=4))
 
 
 def test_pretraining_cfg_scale_one_equals_conditional_sampling():
