@@ -174,3 +174,34 @@ def test_unknown_config_key_is_rejected_naming_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(ROOT / QUICKSTART), "--config", str(bad), "--print_config"])
     assert done.value.code == 2 and "max_stepz" in capsys.readouterr().err
+
+
+LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def _trainer_limits(path: str) -> dict:
+    """The batch limits a YAML file itself sets."""
+    trainer = (yaml.safe_load((ROOT / path).read_text()) or {}).get("trainer") or {}
+    return {k: v for k, v in trainer.items() if k in LIMITS}
+
+
+LIMITED = [c for c in RECIPES if _trainer_limits(c)]
+
+
+@pytest.mark.parametrize("config", LIMITED)
+def test_batch_limits_keep_their_type_so_one_batch_is_not_every_batch(config, capsys):
+    # Lightning reads an int as a number of batches and a float as a fraction: `limit_val_batches: 1` parsed as 1.0
+    # validated every batch (jsonargparse tried the Trainer's `float | int` in that order).
+    expected = {}
+    for path in _chain(config):
+        expected.update(_trainer_limits(path))
+    trainer = _resolved(capsys, config)["trainer"]
+    assert expected and {k: (trainer[k], type(trainer[k])) for k in expected} == {
+        k: (v, type(v)) for k, v in expected.items()
+    }
+
+
+def test_batch_limits_on_the_command_line_keep_int_and_float_apart(capsys):
+    trainer = _resolved(capsys, QUICKSTART, "--trainer.limit_val_batches", "1.0", "--trainer.limit_test_batches", "1",
+                        "--trainer.limit_train_batches", "0.25", "--trainer.limit_predict_batches", "3")["trainer"]
+    assert [(trainer[k], type(trainer[k])) for k in LIMITS] == [(0.25, float), (1.0, float), (1, int), (3, int)]

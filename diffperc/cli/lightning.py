@@ -13,6 +13,9 @@ from jsonargparse import ArgumentParser, Namespace
 from diffperc.cli.commands import LIGHTNING_COMMANDS, LIGHTNING_EPILOG
 from diffperc.cli.errors import check_config_files
 
+#: Trainer arguments that count batches (an int) or a fraction of them (a float).
+_FLOAT_OR_INT_TRAINER_ARGS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
 
 class _SaveRunConfig:
     """Saves the resolved config in the run folder: ``config.yaml`` for fit, ``config_<stage>.yaml`` for validate,
@@ -82,6 +85,15 @@ class _DiffpercCLI:
             parser_kwargs=parser_kwargs,
             **kwargs,
         )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The Trainer types `limit_{train,val,test,predict}_batches` as `float | int | None` and jsonargparse tries
+        # the union's types in order, so `limit_val_batches: 1` (one batch) became 1.0 (every batch). Tried int
+        # first, 1 stays one batch and 1.0 or 0.25 stay fractions, as in Lightning's own signature docs.
+        for name in _FLOAT_OR_INT_TRAINER_ARGS:
+            action = parser._option_string_actions.get(f"--trainer.{name}")
+            if action is not None:
+                action._typehint = int | float | None
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         # `diffperc fit ...` builds the parser of `fit` alone: Lightning builds all four (each from the Trainer's,
