@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def export_model(ckpt_path: str, out: str, push_to_hub: str | None = None) -> Pa
     _check_codec_weights(ckpt, raw.get("state_dict") or {}, pipe.module.codec)
     pipe.set_network(found.net)
     check_predict_multiple(config["processing"]["multiple"], pipe.module, "data.init_args.predict_multiple")
-    card = model_card_kwargs(pipe, run, repo_id=push_to_hub or str(out))
+    card = model_card_kwargs(pipe, run, repo_id=push_to_hub or str(out), ckpt=ckpt)
     _write_folder(out, lambda folder: pipe.save_pretrained(folder, model_card_kwargs=card))
     if push_to_hub:
         pipe.push_to_hub(push_to_hub, model_card_kwargs=card)
@@ -321,10 +322,11 @@ def _write_folder(out: Path, write) -> None:
     fsync_path(out.parent)
 
 
-def model_card_kwargs(pipe, run: Path, repo_id: str) -> dict:
+def model_card_kwargs(pipe, run: Path, repo_id: str, ckpt: Path | None = None) -> dict:
     """What fills the model card template (``diffperc.pipeline.MODEL_CARD``): tasks, network, codec and settings
-    from the export, training data from the run's ``config.yaml``, steps, test metrics (``test_metrics.json``),
-    training MACs (``train_macs.json``) and test MACs per sample (``test_metrics.json``, else counted here)."""
+    from the export, training data from the run's ``config.yaml``, steps, test metrics (``test_metrics.json``, when
+    they scored the exported checkpoint ``ckpt``, with the settings they were tested with), training MACs
+    (``train_macs.json``) and test MACs per sample (``test_metrics.json``, else counted here)."""
     config = pipe.config
     tasks, codec, dit = pipe.tasks, config["codec"], config["network"]["dit_config"]
     moe = config["network"]["moe"]
@@ -357,6 +359,19 @@ def model_card_kwargs(pipe, run: Path, repo_id: str) -> dict:
     test = _read_json(metrics_path)
     train = _read_json(macs_path)
     steps = config["training"].get("global_step")
+    other = _tested_another_checkpoint(test, ckpt, run, steps)
+    if not test:
+        metrics = "Not evaluated: no test_metrics.json in the run folder."
+    elif other:
+        test = {}
+        metrics = (
+            f"Not evaluated: the run folder's test_metrics.json scored {other}, not the exported weights "
+            f"({ckpt.name}, step {steps}); `diffperc test --config {cfg_path or '<the run config>'} --ckpt_path "
+            f"{ckpt}` scores them."
+        )
+        print(f"note: {metrics_path} scored {other}: the model card lists no test metrics", file=sys.stderr)
+    else:
+        metrics = _metrics_table(test) + _tested_with(test)
     return {
         "title": f"diffperc {' + '.join(tasks)}",
         "summary": f"A diffusion transformer fine-tuned for {', '.join(tasks)} with diffperc: image-to-image "
@@ -369,7 +384,7 @@ def model_card_kwargs(pipe, run: Path, repo_id: str) -> dict:
         "train_macs": _macs(train.get("compute/train_macs")) + f" (`{macs_path.name}`)"
         if train.get("compute/train_macs") is not None
         else "not recorded (no train_macs.json in the run folder)",
-        "metrics": _metrics_table(test) if test else "Not evaluated: no test_metrics.json in the run folder.",
+        "metrics": metrics,
         "test_macs": _test_macs(pipe, test),
     }
 
@@ -398,6 +413,32 @@ def _training_data(cfg: dict) -> str:
 
 def _call(class_path: str, args: dict) -> str:
     return f"`{class_path.rsplit('.', 1)[-1]}({', '.join(f'{k}={v!r}' for k, v in args.items())})`"
+
+
+def _tested_another_checkpoint(test: dict, ckpt: Path | None, run: Path, step: int | None) -> str | None:
+    """The checkpoint a run's test record scored (``<path> (step N)``) when it is not ``ckpt``: another file, or the
+    same file since trained further; None when it scored ``ckpt`` or the record cannot tell."""
+    tested, tested_step = test.get("ckpt_path"), test.get("global_step")
+    where = f"{tested or 'weights in memory'} (step {tested_step})"
+    if tested and ckpt is not None:
+        path = Path(tested) if Path(tested).is_absolute() else run / tested
+        if path.resolve() != ckpt.resolve():
+            return where
+    if isinstance(tested_step, int) and isinstance(step, int) and tested_step != step:
+        return where
+    return None
+
+
+def _tested_with(test: dict) -> str:
+    """The settings a test record was measured with, as a sentence after the metrics table."""
+    inference = test.get("inference") or {}
+    if not inference:
+        return ""
+    reducer = f" ({inference['reducer']})" if inference.get("reducer") else ""
+    return (
+        f"\n\nTested with {inference.get('num_steps')} DDIM steps, an ensemble of {inference.get('ensemble_size')}"
+        f"{reducer} and seed {inference.get('seed')}, on the weights of step {test.get('global_step')}."
+    )
 
 
 def _metrics_table(test: dict) -> str:

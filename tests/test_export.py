@@ -197,6 +197,39 @@ def test_export_model_writes_a_hub_folder_that_rebuilds_the_network_exactly(runs
         torch.testing.assert_close(pipe.net(*net_inputs(pipe.net)), module.net(*net_inputs(module.net)), rtol=0, atol=0)
 
 
+def test_model_card_lists_the_metrics_of_the_exported_checkpoint_only(runs, tmp_path):
+    import shutil
+
+    _, ckpt = runs["depth"]  # tested in memory at its last step: the card lists its metrics and how they were tested
+    record = json.loads((ckpt.parents[1] / "test_metrics.json").read_text())
+    assert record["ckpt_path"] is None and record["global_step"] == 2
+    card = (export_model(str(ckpt), str(tmp_path / "same")) / "README.md").read_text()
+    inference = record["inference"]
+    assert f"Tested with {inference['num_steps']} DDIM steps, an ensemble of {inference['ensemble_size']}" in card
+    assert f"| depth/abs_rel | {record['metrics']['test/depth/abs_rel']:.4g} |" in card
+
+    # A copy of the run whose test scored another run's checkpoint (as `diffperc test --config <this run's config>
+    # --ckpt_path <other run's last.ckpt>` does): same step, another file. Its scores are not this model's.
+    run = tmp_path / "run"
+    shutil.copytree(ckpt.parents[1], run)
+    other_module, other = fit_tiny_run(tmp_path / "other", "depth", steps=2)
+    trainer = quiet_trainer(default_root_dir=run, limit_test_batches=1)
+    trainer.test(other_module, datamodule=TASKS["depth"][1](), ckpt_path=other, verbose=False)
+    tested = json.loads((run / "test_metrics.json").read_text())
+    assert tested["ckpt_path"] == str(other.resolve()) and tested["global_step"] == 2
+    card = (export_model(str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "other_scored")) / "README.md")
+    text = card.read_text()
+    assert f"Not evaluated: the run folder's test_metrics.json scored {other.resolve()} (step 2)" in text
+    assert "| depth/abs_rel |" not in text and "Tested with" not in text
+
+    # A test of this run's own checkpoint, named relative to the run: its metrics are listed again.
+    trainer.test(other_module, datamodule=TASKS["depth"][1](), ckpt_path=run / "checkpoints" / "last.ckpt",
+                 verbose=False)
+    assert json.loads((run / "test_metrics.json").read_text())["ckpt_path"] == "checkpoints/last.ckpt"
+    text = (export_model(str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "own")) / "README.md").read_text()
+    assert "| depth/abs_rel |" in text and "Not evaluated" not in text
+
+
 def test_export_model_refuses_a_non_empty_folder_and_honours_the_umask(runs, tmp_path):
     _, ckpt = runs["depth"]
     old = os.umask(0o027)

@@ -293,8 +293,10 @@ class PerceptionFinetuning(DiffusionModule):
                 macs = self.test_macs_per_sample(self._test_image_shapes[task.name], task)
                 record[f"{prefix}compute/test_macs_per_sample"] = macs
                 metrics[f"compute/{prefix}test_macs_per_sample"] = macs
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP: all ranks ask
         record["inference"] = asdict(self.inference)
         record["global_step"] = self.trained_step
+        record["ckpt_path"] = tested_checkpoint(self.trainer.ckpt_path, log_dir)
         record["metrics"] = metrics
         # Logged at the step the tested weights were trained to (TensorBoard x-axis), not at step 0.
         self.log("step", float(self.trained_step))
@@ -305,7 +307,6 @@ class PerceptionFinetuning(DiffusionModule):
                 + (f" (and {len(bad) - 1} more: {bad[1:4]})" if len(bad) > 1 else "")
                 + ": non-finite predictions or empty ground truth; test_metrics.json was not written"
             )
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP: all ranks ask
         if self.trainer.is_global_zero:
             atomic_write_json(log_dir / "test_metrics.json", record)
         self.test_results = record
@@ -369,6 +370,15 @@ class PerceptionFinetuning(DiffusionModule):
             {"class_path": "diffperc.checkpoint_io.RNGStateCheckpoint"},
             {"class_path": "diffperc.callbacks.ExpertLoadLogger"},
         ]
+
+
+def tested_checkpoint(ckpt_path: str | Path | None, log_dir: Path) -> str | None:
+    """How test_metrics.json names the checkpoint it scored: relative to the run folder when inside it (so the record
+    survives moving the folder), else absolute; None for weights tested as they were in memory."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path).resolve()
+    return path.relative_to(log_dir.resolve()).as_posix() if path.is_relative_to(log_dir.resolve()) else str(path)
 
 
 class _CodecMACs(torch.nn.Module):
