@@ -1,7 +1,8 @@
 """Upcycles a dense checkpoint into a mixture-of-experts checkpoint that ``diffperc fit`` accepts as ``init_from``.
 
 To run: ``diffperc upcycle --ckpt_path runs/quickstart_depth/checkpoints/last.ckpt --out moe.ckpt --num_experts 8
---top_k 2``, then ``diffperc fit --config configs/quickstart/depth_upcycle.yaml --model.init_from moe.ckpt``.
+--top_k 2``, then ``diffperc fit --config configs/quickstart/depth.yaml --model.init_from moe.ckpt
+--model.upcycle.num_experts 8 --model.upcycle.top_k 2`` (the command it prints).
 """
 
 from pathlib import Path
@@ -24,8 +25,11 @@ def upcycle_checkpoint(
     seed: int = 0,
 ) -> Path:
     """Reads the dense network of ``src`` (EMA weights when present), upcycles it, and writes ``out`` atomically
-    as a checkpoint holding ``state_dict`` (keys ``net.*``) and the ``diffperc`` metadata of fine-tuning runs."""
+    as a checkpoint holding ``state_dict`` (keys ``net.*``) and the ``diffperc`` metadata of fine-tuning runs.
+    An existing ``out`` is never replaced (it may be ``src`` itself, or a run's ``last.ckpt``)."""
     src, out = Path(src), Path(out)
+    if out.exists():
+        raise FileExistsError(f"`--out` {out} exists: upcycle never replaces a file; name a new one")
     if infer_moe_config(read_network_state(src)) is not None:
         raise ValueError(f"`--ckpt_path` {src} is already a mixture of experts")
     found = network_from_checkpoint(src, "--ckpt_path")

@@ -427,6 +427,10 @@ MAIN_CASES = {
     "untrained_run": lambda tmp: (
         ["test", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", tmp / "runs", "--ckpt_path", "last"],
         f"`--ckpt_path last`: no checkpoint in {tmp / 'runs' / 'quickstart_depth' / 'checkpoints'}. Train first"),
+    "upcycle_onto_its_input": lambda tmp: (
+        ["upcycle", "--ckpt_path", _write_bytes(tmp / "dense.ckpt", b"dense"), "--out", tmp / "dense.ckpt",
+         "--num_experts", "4", "--top_k", "2"],
+        f"`--out` {tmp / 'dense.ckpt'} exists: upcycle never replaces a file; name a new one"),
     "key_typo": lambda tmp: (
         _fit_args(tmp, "--model.init_args.image_sise", "16"),
         "`--model` (diffperc.lit.PerceptionFinetuning): Option 'image_sise' is not accepted"),
@@ -468,6 +472,7 @@ def test_main_prints_a_user_error_once_naming_the_flag_or_file(case, tmp_path):
     assert text.count(message) == 1, text
     assert len(text.splitlines()) < 5 and "Traceback" not in text, text
     assert _files(tmp_path) == before and not (tmp_path / "runs").exists()  # no run folder, no partial file
+    assert case != "upcycle_onto_its_input" or (tmp_path / "dense.ckpt").read_bytes() == b"dense"
 
 
 def test_main_error_is_short_on_the_real_command_line(tmp_path):
