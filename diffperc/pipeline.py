@@ -27,6 +27,7 @@ from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
 
 from diffperc.codecs import Codec
+from diffperc.data.io import decode_image
 from diffperc.diffusion import REDUCERS, check_num_steps
 from diffperc.lit import PerceptionFinetuning
 from diffperc.models.build import Backbone, rebuild_network
@@ -205,6 +206,7 @@ class PerceptionPipeline(
         task_id = self._task_id(task)
         chosen = self.module.tasks[task_id]
         settings = self._settings(num_steps, ensemble_size, reducer, seed)
+        chosen.check_reducer(reducer, "reducer")
         resolution = self.config["processing"]["resolution"] if processing_resolution is None else processing_resolution
         if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
             raise ValueError(f"`processing_resolution` must be a positive int, got {resolution!r}")
@@ -413,7 +415,7 @@ def _read_file(x, what: str, flags: int) -> np.ndarray:
     path = Path(x)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: no such file")
-    image = cv2.imdecode(np.fromfile(path, np.uint8), flags)
+    image = decode_image(np.fromfile(path, np.uint8), flags)
     if image is None or image.size == 0:
         raise ValueError(f"{what} {path}: not an image OpenCV can read")
     return image

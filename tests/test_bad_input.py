@@ -427,6 +427,11 @@ MAIN_CASES = {
     "untrained_run": lambda tmp: (
         ["test", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", tmp / "runs", "--ckpt_path", "last"],
         f"`--ckpt_path last`: no checkpoint in {tmp / 'runs' / 'quickstart_depth' / 'checkpoints'}. Train first"),
+    "reducer_of_another_task": lambda tmp: (
+        ["test", "--config", QUICKSTART, "--config", "configs/quickstart/flow.yaml", "--ckpt_path", "last",
+         "--trainer.logger.init_args.save_dir", tmp / "runs", "--model.init_args.inference.reducer",
+         "median_compilation"],
+        "`--model.inference.reducer` 'median_compilation' does not apply to flow: choose one of ('median', 'mean')"),
     "upcycle_onto_its_input": lambda tmp: (
         ["upcycle", "--ckpt_path", _write_bytes(tmp / "dense.ckpt", b"dense"), "--out", tmp / "dense.ckpt",
          "--num_experts", "4", "--top_k", "2"],
@@ -573,6 +578,35 @@ def test_predict_names_same_stem_inputs_apart_and_a_rerun_starts_a_fresh_folder(
     for name in ("config.yaml", "hparams.yaml", "checkpoints/last.ckpt"):
         assert after[name] == before[name], f"predict rewrote {name}"
     assert yaml.safe_load((run / "config_predict.yaml").read_text())["data"]["init_args"]["images"] == str(second)
+
+
+def test_predict_on_a_folder_without_usable_inputs_fails_in_one_line_and_keeps_the_runs_record(
+    recipes, tmp_path, capfd
+):
+    path, save_dir = _run_copy(recipes, tmp_path)
+    run = save_dir / "quickstart_depth"
+    args = ["predict", "--config", path, "--ckpt_path", "last", "--trainer.logger.init_args.save_dir", save_dir]
+    good = _image_folder(tmp_path / "good", {"room.png": (10, 14)})
+    tiny_runs.cli(*args, "--data.init_args.images", good)
+    before = _digests(run)
+    # No input at all: refused before anything is written (no config_predict.yaml naming the empty folder, no
+    # TensorBoard file, the earlier predictions where they were).
+    (tmp_path / "empty").mkdir()
+    text = _main_stderr([*args, "--data.init_args.images", tmp_path / "empty"])
+    assert f"`--data.images` folder {tmp_path / 'empty'} holds no images" in text and len(text.splitlines()) < 5
+    assert _digests(run) == before
+    # Inputs, none readable: an error after predict (exit 2), not a success holding only skipped.txt, and OpenCV's
+    # own warning lines do not reach the terminal.
+    capfd.readouterr()
+    broken = _image_folder(tmp_path / "broken", {"a.png": (0, 0), "b.png": (0, 0)})
+    with pytest.warns(UserWarning, match="Cannot read image"):
+        text = _main_stderr([*args, "--data.init_args.images", broken])
+    assert f"None of the 2 input(s) could be read, so nothing was predicted: see skipped.txt in {run / 'predictions'}" \
+        in text
+    assert "WARN" not in capfd.readouterr().err
+    assert len((run / "predictions" / "skipped.txt").read_text().splitlines()) == 2
+    (aside,) = run.glob("predictions.*")  # the good predict's outputs, kept
+    assert [p.name for p in aside.glob("*.npy")] == ["room_depth.npy"]
 
 
 def test_image_folder_names_inputs_that_share_a_stem_by_their_whole_name(tmp_path):

@@ -271,6 +271,11 @@ def test_pipeline_loads_a_hub_id_from_the_cache_offline(exports, tmp_path, monke
         ),
         (lambda p: p(_rgb(8, 8, 0), task="depth", num_steps=0), ValueError, r"`num_steps` must be >= 1, got 0"),
         (lambda p: p(_rgb(8, 8, 0), task="depth", reducer="max"), ValueError, r"`reducer` must be one of"),
+        (
+            lambda p: p(_rgb(8, 8, 0), _rgb(8, 8, 0), task="flow", reducer="median_compilation"),
+            ValueError,
+            r"`reducer` 'median_compilation' does not apply to flow: choose one of \('median', 'mean'\)",
+        ),
         (lambda p: p(_rgb(8, 8, 0), task="depth", num_steps=5000), ValueError, r"`num_steps` 5000 is more than"),
     ],
 )

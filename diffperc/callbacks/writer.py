@@ -8,6 +8,7 @@ flow ``_flow.flo`` (pixels) and ``_flow.png`` (colours); amodal ``_whole.png`` a
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -99,3 +100,12 @@ class PredictionWriter(BasePredictionWriter):
         if self.skipped:
             report = atomic_write_bytes(self._dir(trainer) / "skipped.txt", ("\n".join(self.skipped) + "\n").encode())
             rank_zero_warn(f"Skipped {len(self.skipped)} unreadable input(s), listed in {report}")
+        counts = torch.tensor([float(len(self.written)), float(len(self.skipped))], device=pl_module.device)
+        if trainer.world_size > 1:  # over every process, so all stop or none does
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        written, skipped = (int(c) for c in counts.tolist())
+        if skipped and not written:
+            raise ValueError(
+                f"None of the {skipped} input(s) could be read, so nothing was predicted: see skipped.txt in "
+                f"{self._dir(trainer)}"
+            )

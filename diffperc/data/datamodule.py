@@ -127,6 +127,16 @@ def folder_loader(
     predicts: single images for depth, frame pairs for flow, image + ``_mask`` pairs for amodal."""
     trainer = datamodule.trainer  # set by Lightning before it asks for loaders; None outside a run
     module = trainer.lightning_module if trainer is not None else None
+    folder = predict_folder(module, images, resolution, multiple, max_image_side)
+    # Inputs keep their aspect ratio, so sizes differ: one input per batch.
+    return DataLoader(folder, batch_size=1, num_workers=num_workers)
+
+
+def predict_folder(
+    module, images: str, resolution: int, multiple: int, max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE
+) -> ImageFolder:
+    """The folder of user inputs ``images`` in the layout of ``module``'s task; fails, naming the folder, when it
+    holds no inputs of that layout (also run before ``diffperc predict`` writes anything)."""
     task = getattr(module, "task", None)
     if task is None:
         raise ValueError(
@@ -134,6 +144,4 @@ def folder_loader(
             "(run `diffperc predict` with a fine-tuning model, e.g. `diffperc.lit.PerceptionFinetuning`)"
         )
     check_predict_multiple(multiple, module)
-    folder = ImageFolder(images, resolution, multiple, layout=task.predict_layout, max_image_side=max_image_side)
-    # Inputs keep their aspect ratio, so sizes differ: one input per batch.
-    return DataLoader(folder, batch_size=1, num_workers=num_workers)
+    return ImageFolder(images, resolution, multiple, layout=task.predict_layout, max_image_side=max_image_side)

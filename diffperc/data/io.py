@@ -5,6 +5,7 @@ Images are decoded straight to RGB; ``read_rgb_at_least`` decodes a large JPEG a
 size it is read for leaves enough margin (see its docstring for how close that is to a full decode).
 """
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -116,10 +117,29 @@ def write_flo(path: str | os.PathLike, flow: np.ndarray) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _opencv_errors_only():
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        logging.setLogLevel(level)
+
+
+def decode_image(data: np.ndarray, flags: int) -> np.ndarray | None:
+    """``cv2.imdecode`` without OpenCV's own warnings (``[ WARN:0@1.9] ... PNG input buffer is incomplete``): a
+    reader that gets None names the file and the problem itself, once."""
+    with _opencv_errors_only():
+        return cv2.imdecode(data, flags)
+
+
 def _imread(path: Path, flags: int, what: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    img = cv2.imread(str(path), flags)
+    with _opencv_errors_only():
+        img = cv2.imread(str(path), flags)
     if img is None:
         raise ValueError(f"Could not decode {what.lower()} {path} (corrupt or unsupported format)")
     return img
@@ -166,7 +186,7 @@ def read_rgb_at_least(path: str | os.PathLike, size: tuple[int, int]) -> tuple[n
     if full is not None:
         factor = next((f for f in (8, 4, 2) if min(-(-full[0] // f) / size[0], -(-full[1] // f) / size[1]) >= 2), 1)
     flags = REDUCED_FLAGS[cv2.IMREAD_COLOR][factor] if factor > 1 else _RGB_FLAG
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    img = decode_image(np.frombuffer(data, np.uint8), flags)
     if img is None:
         raise ValueError(f"Could not decode image {path} (corrupt or unsupported format)")
     if flags != _RGB_FLAG or _RGB_FLAG == cv2.IMREAD_COLOR:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from diffperc.data.datamodule import check_predict_multiple
+from diffperc.data.datamodule import predict_folder
 from diffperc.models import moe_config
 from diffperc.models.pretrained import architecture_mismatch, load_weights_only, read_records
 
@@ -274,7 +274,8 @@ def check_max_steps(trainer) -> None:
 
 def check_before_run(subcommand: str | None, model, datamodule, trainer, ckpt_path=None) -> None:
     """Everything that can be checked once the CLI has built its objects and before the run writes a file:
-    ``--ckpt_path`` against the model, ``--trainer.max_steps`` for ``fit``, the predict padding against the model."""
+    ``--ckpt_path`` against the model, ``--trainer.max_steps`` for ``fit``, the predict folder (its inputs in the
+    model's task layout, the padding) against the model."""
     if subcommand is None:
         return
     check_checkpoint(ckpt_path, model)
@@ -282,4 +283,5 @@ def check_before_run(subcommand: str | None, model, datamodule, trainer, ckpt_pa
         check_max_steps(trainer)
     multiple = getattr(datamodule, "predict_multiple", None)
     if subcommand == "predict" and getattr(datamodule, "images", None) and multiple is not None:
-        check_predict_multiple(multiple, model)
+        side = getattr(datamodule, "max_image_side", None)
+        predict_folder(model, datamodule.images, getattr(datamodule, "predict_resolution", 32), multiple, side)

@@ -92,6 +92,8 @@ class PerceptionFinetuning(DiffusionModule):
         self.upcycle = settings(Upcycle, upcycle) if upcycle is not None else None
         self.num_images_logged, self.nonfinite = num_images_logged, nonfinite
         check_num_steps(self.inference.num_steps, self.diffusion)
+        for t in self.tasks:
+            t.check_reducer(self.inference.reducer, "--model.inference.reducer")
         if init_from:
             check_init_from(init_from, self)  # a fine-tuned checkpoint of another task, schedule or codec
 

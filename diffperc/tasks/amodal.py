@@ -37,6 +37,7 @@ class AmodalTask(Task):
             raise ValueError(
                 f"`--model.task.threshold` must be in (0, 2) (image units, 2 = 255 levels), got {threshold}"
             )
+        self.check_reducer(reducer, "--model.task.reducer")
         self.threshold, self.reducer = float(threshold), reducer
 
     def conditions(self, batch: dict) -> list[torch.Tensor]:

@@ -19,8 +19,16 @@ class Task:
     num_conditions: int = 1
     #: Default ensemble reducer for this task's predictions (``diffperc.diffusion.ensemble``).
     reducer: str = "median"
+    #: The reducers that apply to this task's predictions (``median_compilation`` needs single-channel depth).
+    reducers: tuple[str, ...] = ("median", "mean")
     #: How ``diffperc predict --data.images`` reads a folder (``diffperc.data.real.images.LAYOUTS``).
     predict_layout: str = "single"
+
+    def check_reducer(self, reducer: str | None, flag: str) -> None:
+        """Fails naming ``flag`` when ensemble reducer ``reducer`` (None: the task's default) does not apply to this
+        task, before any run starts rather than at the first ensemble."""
+        if reducer is not None and reducer not in self.reducers:
+            raise ValueError(f"`{flag}` {reducer!r} does not apply to {self.name}: choose one of {self.reducers}")
 
     def conditions(self, batch: dict) -> list[torch.Tensor]:
         """The condition images (N, 3, H, W) in [-1, 1]."""

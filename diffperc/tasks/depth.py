@@ -25,6 +25,7 @@ class DepthTask(Task):
 
     name = "depth"
     num_conditions = 1
+    reducers = ("median", "mean", "median_compilation")
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class DepthTask(Task):
         quantiles: tuple[float, float] = (0.02, 0.98),
         reducer: str = "median",
     ):
+        self.check_reducer(reducer, "--model.task.reducer")
         if not 0 <= quantiles[0] < quantiles[1] <= 1:
             raise ValueError(f"`--model.task.quantiles` must satisfy 0 <= low < high <= 1, got {quantiles}")
         if not 0 <= min_depth < max_depth:

@@ -44,6 +44,7 @@ class FlowTask(Task):
             raise ValueError(f"`--model.task.max_flow` must be positive (pixels), got {max_flow}")
         self.max_flow = float(max_flow)
         self.outlier_thresholds = tuple(float(t) for t in outlier_thresholds)
+        self.check_reducer(reducer, "--model.task.reducer")
         self.reducer = reducer
 
     def conditions(self, batch: dict) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffperc.data.io import REDUCED_FLAGS, image_header_size, truncated_jpeg
+from diffperc.data.io import REDUCED_FLAGS, decode_image, image_header_size, truncated_jpeg
 from diffperc.predict import fit_image, processing_size, to_model_range, visible_mask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -158,7 +158,7 @@ class ImageFolder(Dataset):
         elif factor is None:
             factor = self._factor(path, full)
         try:
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED_FLAGS[flags][factor] if factor > 1 else flags)
+            img = decode_image(np.frombuffer(data, np.uint8), REDUCED_FLAGS[flags][factor] if factor > 1 else flags)
         except cv2.error as err:  # some decoders raise instead of returning None
             raise _Unreadable(f"Cannot read image {path} ({str(err).strip().splitlines()[-1]}); skipped") from err
         if img is None or img.size == 0:
