@@ -432,6 +432,11 @@ MAIN_CASES = {
          "--trainer.logger.init_args.save_dir", tmp / "runs", "--model.init_args.inference.reducer",
          "median_compilation"],
         "`--model.inference.reducer` 'median_compilation' does not apply to flow: choose one of ('median', 'mean')"),
+    "sweep_file_missing": lambda tmp: (
+        ["sweep", "run", tmp / "nope.yaml"], f"Sweep file not found: {tmp / 'nope.yaml'}"),
+    "sweep_file_bad_key": lambda tmp: (
+        ["sweep", "run", _write_bytes(tmp / "s.yaml", b"base: configs/quickstart/depth.yaml\ngrids: {}\n")],
+        f"sweep file {tmp / 's.yaml'}: unknown key(s) ['grids']; see `diffperc sweep --help`"),
     "upcycle_onto_its_input": lambda tmp: (
         ["upcycle", "--ckpt_path", _write_bytes(tmp / "dense.ckpt", b"dense"), "--out", tmp / "dense.ckpt",
          "--num_experts", "4", "--top_k", "2"],

@@ -474,10 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             & {k for r in tts_rows for k in r if k.startswith("test/")}
         )
         if not common:
-            raise SystemExit("The two sweeps share no test/... metric; pass `--metric`")
+            raise ValueError("The two sweeps share no test/... metric; pass `--metric`")
         metric = next((k for k in common if k.endswith("/abs_rel")), common[0])
-    try:
-        result = plan(train_rows, tts_rows, args.train_budget, args.inference_budget, metric)
-    except ValueError as err:
-        raise SystemExit(str(err)) from err
+    result = plan(train_rows, tts_rows, args.train_budget, args.inference_budget, metric)
     print(format_plan(result, train_rows))

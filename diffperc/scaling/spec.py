@@ -81,6 +81,8 @@ class Point:
 def load_sweep(path: str | os.PathLike) -> Sweep:
     """Reads and validates a sweep file; errors name the file and the key."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Sweep file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:

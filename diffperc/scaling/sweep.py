@@ -89,7 +89,7 @@ def _tts_sweep(args) -> Sweep:
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"`--set {item}`: expected KEY=VALUE")
+            raise ValueError(f"`--set {item}`: expected KEY=VALUE")
         overrides[key] = yaml.safe_load(value)
     data = {"base": args.base, "command": "tts", "checkpoint": args.ckpt_path, "grid": grid, "set": overrides,
             "metrics": args.metrics or []}
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parsed = parse_command("sweep", argv)
     action, args = parsed.action, parsed[parsed.action]
-    try:
-        sweep = _tts_sweep(args) if action == "tts" else load_sweep(args.file)
-    except ValueError as err:
-        raise SystemExit(str(err)) from err
+    sweep = _tts_sweep(args) if action == "tts" else load_sweep(args.file)  # errors name the file or flag
     out = Path(args.out) if args.out else sweep.default_out()
     upstream_dir = args.get("upstream_dir")
     if action == "report":
