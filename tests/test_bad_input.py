@@ -432,6 +432,11 @@ MAIN_CASES = {
          "--trainer.logger.init_args.save_dir", tmp / "runs", "--model.init_args.inference.reducer",
          "median_compilation"],
         "`--model.inference.reducer` 'median_compilation' does not apply to flow: choose one of ('median', 'mean')"),
+    "abbreviated_flag": lambda tmp: (  # argparse would take it for `--trainer.max_steps`
+        _fit_args(tmp, "--trainer.max_step", "3"), "unrecognized arguments: --trainer.max_step 3"),
+    "abbreviated_project_flag": lambda tmp: (
+        ["upcycle", "--ckpt_path", tmp / "a.ckpt", "--out", tmp / "b.ckpt", "--num_expert", "4"],
+        "unrecognized arguments: --num_expert 4"),
     "sweep_file_missing": lambda tmp: (
         ["sweep", "run", tmp / "nope.yaml"], f"Sweep file not found: {tmp / 'nope.yaml'}"),
     "sweep_file_bad_key": lambda tmp: (

@@ -58,7 +58,12 @@ def _module_text(path: str, name: str) -> str:
 
 def _new_parser(prog: str, description: str, epilog: str | None = None) -> ArgumentParser:
     parser = ArgumentParser(
-        prog=prog, description=description, epilog=epilog, exit_on_error=False, formatter_class=_HelpFormatter
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        exit_on_error=False,
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # a misspelt `--num_expert` must not set `--num_experts`
     )
     parser.add_argument(
         "-c",

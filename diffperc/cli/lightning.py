@@ -72,8 +72,15 @@ class _DiffpercCLI:
         # A resumed fit rewrites config.yaml, and a rerun of test its config_test.yaml; a fresh fit never gets there.
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        # No abbreviations: argparse would take `--trainer.max_step 3` for `--trainer.max_steps 3`, so a misspelt
+        # flag could silently set another one.
+        parser_kwargs.setdefault("allow_abbrev", False)
         for subcommand in LIGHTNING_COMMANDS:
-            parser_kwargs[subcommand] = {"epilog": LIGHTNING_EPILOG, **parser_kwargs.get(subcommand, {})}
+            parser_kwargs[subcommand] = {
+                "epilog": LIGHTNING_EPILOG,
+                "allow_abbrev": False,
+                **parser_kwargs.get(subcommand, {}),
+            }
         super().__init__(
             LightningModule,
             LightningDataModule,
