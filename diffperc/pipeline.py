@@ -297,6 +297,12 @@ class PerceptionPipeline(
         """Loads an export: a folder written by ``diffperc export``, or a Hub id (``org/name``) fetched through the
         Hugging Face cache (``HF_HUB_OFFLINE=1``: from the cache only). Keywords are ``ModelHubMixin``'s
         (``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``) plus ``device``."""
+        unknown = sorted(set(kwargs) - _LOAD_KEYWORDS)
+        if unknown:  # diffusers users pass `torch_dtype`: say what is taken instead of a bare TypeError
+            raise TypeError(
+                f"PerceptionPipeline.from_pretrained takes no {', '.join(f'`{k}`' for k in unknown)}: its keywords are "
+                f"{', '.join(f'`{k}`' for k in sorted(_LOAD_KEYWORDS))} (the pipeline runs in float32)"
+            )
         source = str(pretrained_model_name_or_path)
         if not Path(source).is_dir():
             if Path(source).exists():
@@ -405,6 +411,10 @@ def _offline() -> bool:
 
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return bool(constants.HF_HUB_OFFLINE) or env
+
+
+#: The keywords ``from_pretrained`` takes: ``ModelHubMixin``'s download options plus ``device``.
+_LOAD_KEYWORDS = frozenset({"revision", "cache_dir", "local_files_only", "token", "force_download", "device"})
 
 
 def _is_pil(x) -> bool:

@@ -292,6 +292,8 @@ def test_from_pretrained_of_what_is_not_an_export_fails_in_one_line(exports, tmp
         PerceptionPipeline(config)(_rgb(8, 8, 0))  # built from a config alone: untrained, never used
     with pytest.raises(FileNotFoundError, match=r"No export folder .*absent, and it is not a Hub id"):
         PerceptionPipeline.from_pretrained(tmp_path / "absent")
+    with pytest.raises(TypeError, match=r"takes no `torch_dtype`: its keywords are `cache_dir`, `device`, "):
+        PerceptionPipeline.from_pretrained(exports["depth"][1], torch_dtype=torch.float16)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty has no config.json: not a diffperc export"):
         PerceptionPipeline.from_pretrained(tmp_path / "empty")

@@ -71,7 +71,17 @@ class _Runner:
                 arg = str(self.recipes.stand_in(arg))
             elif arg == "path/to/folder":
                 arg = str(self.recipes.assets.images[task])
+            elif arg.startswith("data/latents/"):  # what the README's `cache-latents` line wrote
+                arg = str(self._latents("configs/pretrain/base.yaml"))
             out.append(arg)
+        return out
+
+    def _latents(self, config: str) -> Path:
+        """``diffperc cache-latents`` of the toy ``config``: 4 images into ``<tmp>/latents``."""
+        out = self.tmp / "latents"
+        if not out.is_dir():
+            path, _ = self.recipes.config(config)
+            main(["cache-latents", "--base", str(path), "--out", str(out), "--num_workers", "0", "--limit", "4"])
         return out
 
     def diffperc(self, argv: list[str]) -> None:
@@ -119,11 +129,7 @@ class _Runner:
         assert "| t1 " in table and "| a1 " in table and "| DiT-S/2-8E2A " in table, table
 
     def cache_latents(self, args: list[str]) -> None:
-        config = args[args.index("--base") + 1]
-        path, _ = self.recipes.config(config)
-        out = self.tmp / "latents"
-        main(["cache-latents", "--base", str(path), "--out", str(out), "--num_workers", "0", "--limit", "4"])
-        assert (out / "manifest.json").is_file()
+        assert (self._latents(args[args.index("--base") + 1]) / "manifest.json").is_file()
 
     def upcycle(self, args: list[str]) -> None:
         args = self._translate(args)
