@@ -364,10 +364,11 @@ def model_card_kwargs(pipe, run: Path, repo_id: str, ckpt: Path | None = None) -
         metrics = "Not evaluated: no test_metrics.json in the run folder."
     elif other:
         test = {}
+        exported = f"{ckpt.name}, step {steps}" if ckpt is not None else f"step {steps}"
         metrics = (
             f"Not evaluated: the run folder's test_metrics.json scored {other}, not the exported weights "
-            f"({ckpt.name}, step {steps}); `diffperc test --config {cfg_path or '<the run config>'} --ckpt_path "
-            f"{ckpt}` scores them."
+            f"({exported}); `diffperc test --config {cfg_path or '<the run config>'} --ckpt_path "
+            f"{ckpt or '<the checkpoint>'}` scores them."
         )
         print(f"note: {metrics_path} scored {other}: the model card lists no test metrics", file=sys.stderr)
     else:

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from diffperc.data.datamodule import predict_folder
+from diffperc.data.real.images import DEFAULT_MAX_IMAGE_SIDE
 from diffperc.models import moe_config
 from diffperc.models.pretrained import architecture_mismatch, load_weights_only, read_records
 
@@ -283,5 +284,5 @@ def check_before_run(subcommand: str | None, model, datamodule, trainer, ckpt_pa
         check_max_steps(trainer)
     multiple = getattr(datamodule, "predict_multiple", None)
     if subcommand == "predict" and getattr(datamodule, "images", None) and multiple is not None:
-        side = getattr(datamodule, "max_image_side", None)
+        side = getattr(datamodule, "max_image_side", DEFAULT_MAX_IMAGE_SIDE)
         predict_folder(model, datamodule.images, getattr(datamodule, "predict_resolution", 32), multiple, side)
