@@ -3,6 +3,7 @@
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 from unittest.mock import Mock
@@ -198,8 +199,6 @@ def test_export_model_writes_a_hub_folder_that_rebuilds_the_network_exactly(runs
 
 
 def test_model_card_lists_the_metrics_of_the_exported_checkpoint_only(runs, tmp_path):
-    import shutil
-
     _, ckpt = runs["depth"]  # tested in memory at its last step: the card lists its metrics and how they were tested
     record = json.loads((ckpt.parents[1] / "test_metrics.json").read_text())
     assert record["ckpt_path"] is None and record["global_step"] == 2
