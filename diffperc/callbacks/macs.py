@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from diffperc.compute import count_train_macs
+from diffperc.lit.parallel import blocks_run_plainly
 from diffperc.models import moe_config
 from diffperc.utils import atomic_write_json
 
@@ -122,7 +123,9 @@ class MACsCounter(Callback):
     def _measure(self, pl_module: LightningModule, batch, device: str) -> int:
         net = _unsharded(pl_module.net)
         forked = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=forked):  # the count's random inputs and forward leave the RNG as it was
+        # The count's random inputs and forward leave the RNG as it was; activation checkpointing's recomputation
+        # is not the model's compute (and would run outside the count's meta parameters).
+        with torch.random.fork_rng(devices=forked), blocks_run_plainly():
             return count_train_macs(net, *_net_inputs(pl_module, batch), device=device)
 
 

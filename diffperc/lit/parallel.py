@@ -5,6 +5,8 @@ global batch is split over processes (nor on the global RNG).
 ``diffperc fit --config configs/quickstart/depth.yaml --config configs/trainer/fsdp2.yaml``
 """
 
+import contextlib
+import contextvars
 import types
 
 import torch
@@ -17,9 +19,25 @@ from diffperc.seeding import derive_seed
 LABEL_DROP_STREAM = 3
 
 
+#: False inside ``blocks_run_plainly()``: checkpointed blocks then run as plain ones.
+_CHECKPOINTING = contextvars.ContextVar("diffperc_checkpointing", default=True)
+
+
+@contextlib.contextmanager
+def blocks_run_plainly():
+    """Checkpointed DiT blocks run without checkpointing inside this context: what counting a training step's MACs
+    needs (``MACsCounter``), since the count is the model's, not the recomputation's, and it swaps in meta parameters
+    for the forward only, so a recomputation in backward would mix them with the real ones."""
+    token = _CHECKPOINTING.set(False)
+    try:
+        yield
+    finally:
+        _CHECKPOINTING.reset(token)
+
+
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     forward = type(self).forward.__get__(self)  # the class's forward (FSDP2 subclasses the module's class)
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or not _CHECKPOINTING.get():
         return forward(*args, **kwargs)
     # Non-reentrant checkpointing: works with FSDP2's hooks and with inputs that do not require grad.
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)

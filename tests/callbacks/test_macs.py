@@ -184,3 +184,19 @@ def test_macs_counter_writes_its_record_sources_once_and_keeps_its_own_keys(tmp_
         "loss/train": pytest.approx(losses[-1], rel=1e-7),
     }
     assert len(calls) == 1 and len(losses) == 2
+
+
+def test_macs_counter_counts_an_activation_checkpointed_model_as_the_plain_one(tmp_path):
+    # Checkpointed blocks recompute in backward, after the count's meta parameters are gone: the count runs them
+    # plainly (it crashed: "Tensor on device cpu is not on the expected device meta"), and the recomputation is not
+    # the model's compute, so the total equals the plain model's.
+    totals = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module, logger = _tiny_module(activation_checkpointing=checkpointing), _logger(tmp_path)
+        trainer = _trainer(tmp_path, logger, MACsCounter(), max_steps=2)
+        trainer.fit(module, datamodule=_data())
+        totals.append((_counter(trainer).train_macs, [p.detach().clone() for p in module.net.parameters()]))
+    assert totals[0][0] == totals[1][0] == 2 * _step_macs(_tiny_module())
+    for plain, checkpointed in zip(totals[0][1], totals[1][1], strict=True):  # and trains the same weights
+        torch.testing.assert_close(checkpointed, plain, rtol=0, atol=0)
