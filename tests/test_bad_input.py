@@ -8,6 +8,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import shutil
 import sys
 from functools import partial
@@ -488,6 +489,13 @@ def test_main_prints_a_user_error_once_naming_the_flag_or_file(case, tmp_path):
     assert len(text.splitlines()) < 5 and "Traceback" not in text, text
     assert _files(tmp_path) == before and not (tmp_path / "runs").exists()  # no run folder, no partial file
     assert case != "upcycle_onto_its_input" or (tmp_path / "dense.ckpt").read_bytes() == b"dense"
+
+
+def test_a_diverged_fit_stops_with_one_line_naming_the_step(tmp_path):
+    text = _main_stderr(_fit_args(tmp_path, "--model.init_args.optimizer.init_args.lr", "1e20", "--trainer.max_steps",
+                                  "3", "--data.init_args.batch_size", "4", "--trainer.enable_progress_bar", "false"))
+    assert re.search(r"diffperc fit: error: non-finite loss (inf|nan) at step \d \(batch index \d, epoch 0\)", text)
+    assert len(text.splitlines()) < 5 and "Traceback" not in text, text
 
 
 def test_main_error_is_short_on_the_real_command_line(tmp_path):

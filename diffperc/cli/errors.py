@@ -17,9 +17,9 @@ def user_error(err: BaseException) -> str | None:
 
     User errors: a command-line or config parse error, Lightning's ``MisconfigurationException``, a missing,
     existing or inaccessible file, a full disk, and a ``ValueError`` raised by a ``raise`` statement in diffperc
-    (its messages name the flag). A ``ValueError`` from torch or NumPy, an ``AssertionError`` or a ``RuntimeError``
-    is a bug. jsonargparse wraps an error raised while it builds a class (twice for a class inside a class): the
-    innermost one is reported.
+    (its messages name the flag) or its ``FloatingPointError`` (a diverged run: the step, batch and samples). A
+    ``ValueError`` from torch or NumPy, an ``AssertionError`` or a ``RuntimeError`` is a bug. jsonargparse wraps an
+    error raised while it builds a class (twice for a class inside a class): the innermost one is reported.
     """
     while not isinstance(err, ArgumentError) and err.__cause__ is not None and _raised_in(err, "jsonargparse"):
         err = err.__cause__
@@ -30,7 +30,9 @@ def user_error(err: BaseException) -> str | None:
     misconfiguration = (lightning.MisconfigurationException,) if lightning is not None else ()
     if isinstance(err, (*misconfiguration, *file_errors)) or (isinstance(err, OSError) and err.errno in DISK_ERRNOS):
         return str(err)
-    if isinstance(err, ValueError) and _raised_in(err, str(Path(__file__).parents[1]), statement="raise "):
+    if isinstance(err, (ValueError, FloatingPointError)) and _raised_in(
+        err, str(Path(__file__).parents[1]), statement="raise "
+    ):
         return str(err)
     return None
 
